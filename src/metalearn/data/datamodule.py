@@ -1,0 +1,289 @@
+"""EpisodeDataModule: seeded meta-batches for training, fixed episode sets for val/test.
+
+Training: item i of epoch e is one whole meta-batch drawn from a Generator seeded by
+(seed, rank, e, i) only. `EpochSampler` yields global indices e * len + i (it runs in the main
+process, so the epoch reaches the dataset for any num_workers), hence batches are identical for any
+num_workers and an exactly resumed run sees the same batches.
+
+Val/test: `val_episodes` / `test_episodes` fixed episodes seeded by (eval_seed, split, episode)
+only, so every run and algorithm is scored on the same episodes; episode e is the same whatever
+the total count. With DDP each rank gets a contiguous share (the shares partition all episodes).
+Let the datamodule shard: run the Trainer with use_distributed_sampler=False.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from metalearn.data.episodes import (
+    EpisodeIndices,
+    Episodes,
+    materialise,
+    sample_indices,
+    seeded_rng,
+)
+from metalearn.data.sources import SOURCES, load_splits
+from metalearn.data.sources.base import ClassImages
+from metalearn.data.sources.quickdraw import BITMAP_URL
+from metalearn.data.splits import Splits, check_disjoint
+from metalearn.errors import ConfigError
+
+EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
+
+
+class EpochSampler(Sampler[int]):
+    """Yields e * length + i for i in 0..length-1, where e is set by `set_epoch` (Lightning)."""
+
+    def __init__(self, length: int):
+        self.length, self.epoch = length, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        return iter(range(self.epoch * self.length, (self.epoch + 1) * self.length))
+
+
+class TrainMetaBatches(Dataset):
+    """Item `epoch * length + i` is the meta-batch seeded by (seed, rank, epoch, i)."""
+
+    def __init__(
+        self,
+        classes: ClassImages,
+        length: int,
+        meta_batch_size: int,
+        ways,
+        shots,
+        queries,
+        seed: int,
+        rank: int = 0,
+    ):
+        self.images, self.length, self.meta_batch_size = classes.images, length, meta_batch_size
+        self.ways, self.shots, self.queries, self.seed, self.rank = ways, shots, queries, seed, rank
+
+    def __len__(self) -> int:
+        return self.length
+
+    def indices(self, index: int) -> EpisodeIndices:
+        epoch, i = divmod(int(index), self.length)
+        rng = seeded_rng(self.seed, self.rank, epoch, i)
+        return sample_indices(
+            rng, self.meta_batch_size, *self.images.shape[:2], self.ways, self.shots, self.queries
+        )
+
+    def __getitem__(self, index: int) -> Episodes:
+        return materialise(self.images, self.indices(index), self.shots)
+
+
+def fixed_episode_indices(
+    classes: ClassImages, episodes, ways, shots, queries, eval_seed: int, split: str
+) -> EpisodeIndices:
+    """Indices of episodes 0..episodes-1 of `split`; episode e seeded by (eval_seed, split, e)."""
+    class_ids = np.zeros((episodes, ways), np.int64)
+    image_ids = np.zeros((episodes, ways, shots + queries), np.int64)
+    num_classes, per_class = classes.images.shape[:2]
+    for e in range(episodes):
+        rng = seeded_rng(eval_seed, EVAL_SPLIT_TAGS[split], e)
+        drawn = sample_indices(rng, 1, num_classes, per_class, ways, shots, queries)
+        class_ids[e], image_ids[e] = drawn.classes[0], drawn.images[0]
+    return EpisodeIndices(class_ids, image_ids)
+
+
+class FixedEpisodes(Dataset):
+    """Precomputed episode indices, served `batch_size` episodes per item, in a fixed order."""
+
+    def __init__(self, classes: ClassImages, indices: EpisodeIndices, shots: int, batch_size: int):
+        self.images, self.index, self.shots = classes.images, indices, shots
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.index.classes) / self.batch_size)
+
+    def __getitem__(self, item: int) -> Episodes:
+        if not 0 <= item < len(self):
+            raise IndexError(item)
+        part = slice(item * self.batch_size, (item + 1) * self.batch_size)
+        return materialise(self.images, EpisodeIndices(*(a[part] for a in self.index)), self.shots)
+
+
+class EpisodeDataModule(L.LightningDataModule):
+    """Few-shot episodes of dataset `name` (see `metalearn.data.sources.SOURCES`)."""
+
+    def __init__(
+        self,
+        name: str,
+        root: str,
+        ways: int,
+        shots: int,
+        queries: int,
+        meta_batch_size: int,
+        batches_per_epoch: int = 100,
+        val_episodes: int = 600,
+        test_episodes: int = 600,
+        eval_batch_size: int = 25,
+        seed: int = 0,
+        eval_seed: int = 0,
+        num_workers: int = 0,
+        image_size: int = 28,
+        rotations: bool = False,
+        samples_per_class: int | None = None,
+        split_seed: int = 0,
+        download: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        quickdraw_format: str = "npz",
+        quickdraw_rows: int = 100,
+        quickdraw_url: str = BITMAP_URL,
+    ):
+        super().__init__()
+        if name not in SOURCES:
+            raise ConfigError(f"data.name={name!r} is unknown: choose one of {sorted(SOURCES)}")
+        positive = dict(
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            meta_batch_size=meta_batch_size,
+            batches_per_epoch=batches_per_epoch,
+            eval_batch_size=eval_batch_size,
+            image_size=image_size,
+            world_size=world_size,
+        )
+        for key, value in positive.items():
+            if int(value) < 1:
+                raise ConfigError(f"data.{key}={value}: it must be at least 1")
+        nonneg = dict(
+            seed=seed,
+            eval_seed=eval_seed,
+            split_seed=split_seed,
+            num_workers=num_workers,
+            val_episodes=val_episodes,
+            test_episodes=test_episodes,
+        )
+        for key, value in nonneg.items():
+            if int(value) < 0:
+                raise ConfigError(f"data.{key}={value}: it must be 0 or more")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"data.rank={rank} must be in 0..world_size-1 ({world_size - 1})")
+        self.save_hyperparameters()
+        self.name, self.root = name, str(root)
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.meta_batch_size, self.batches_per_epoch = int(meta_batch_size), int(batches_per_epoch)
+        self.val_episodes, self.test_episodes = int(val_episodes), int(test_episodes)
+        self.eval_batch_size, self.num_workers = int(eval_batch_size), int(num_workers)
+        self.seed, self.eval_seed, self.split_seed = int(seed), int(eval_seed), int(split_seed)
+        self.image_size, self.rotations, self.download = int(image_size), rotations, download
+        self.samples_per_class = samples_per_class
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.source_options = (
+            dict(
+                quickdraw_format=quickdraw_format,
+                quickdraw_rows=quickdraw_rows,
+                quickdraw_url=quickdraw_url,
+            )
+            if name == "quickdraw"
+            else {}
+        )
+        self._splits: Splits | None = None
+
+    # ----- data -----
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once and check they can serve the configured episodes."""
+        if self._splits is not None:
+            return
+        splits = load_splits(
+            self.name,
+            self.root,
+            image_size=self.image_size,
+            rotations=self.rotations,
+            samples_per_class=self.samples_per_class,
+            split_seed=self.split_seed,
+            download=self.download,
+            **self.source_options,
+        )
+        self._check(splits)
+        check_disjoint(splits)
+        self._splits = splits
+
+    def _check(self, splits: Splits) -> None:
+        split, classes = min(splits.items(), key=lambda item: item[1].num_classes)
+        if self.ways > classes.num_classes:
+            raise ConfigError(
+                f"data={self.name} {split} split has {classes.num_classes} classes but"
+                f" ways={self.ways}: lower ways to at most {classes.num_classes}"
+                + (" (or set data.rotations=true)" if not self.rotations else "")
+            )
+        per_class = min(c.images_per_class for _, c in splits.items())
+        if self.shots + self.queries > per_class:
+            raise ConfigError(
+                f"data={self.name} has {per_class} images per class but shots+queries ="
+                f" {self.shots}+{self.queries} = {self.shots + self.queries}: lower queries or"
+                " shots" + (", or raise data.samples_per_class" if self.samples_per_class else "")
+            )
+
+    @property
+    def splits(self) -> Splits:
+        self.setup()
+        return self._splits
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, self.image_size, self.image_size)
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return {split: c.num_classes for split, c in self.splits.items()}
+
+    # ----- loaders -----
+    def train_dataset(self) -> TrainMetaBatches:
+        return TrainMetaBatches(
+            self.splits.train,
+            self.batches_per_epoch,
+            self.meta_batch_size,
+            self.ways,
+            self.shots,
+            self.queries,
+            self.seed,
+            self.rank,
+        )
+
+    def eval_dataset(self, split: str) -> FixedEpisodes:
+        episodes = self.val_episodes if split == "val" else self.test_episodes
+        indices = fixed_episode_indices(
+            getattr(self.splits, split),
+            episodes,
+            self.ways,
+            self.shots,
+            self.queries,
+            self.eval_seed,
+            split,
+        )
+        share = np.array_split(np.arange(episodes), self.world_size)[self.rank]
+        indices = EpisodeIndices(*(a[share] for a in indices))
+        return FixedEpisodes(getattr(self.splits, split), indices, self.shots, self.eval_batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        return self._loader(dataset, EpochSampler(len(dataset)))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("test"))
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
