@@ -1,1 +1,1 @@
-"""metalearn.engines."""
+"""Inner-loop engines: ``higher``, ``func`` (torch.func loop) and ``vmap``."""

@@ -1,0 +1,148 @@
+"""EpisodicModule: what every few-shot algorithm shares.
+
+Manual optimisation, adaptation at validation/test time (with grad enabled: the Trainer must
+run with ``inference_mode=False``), accuracy with a 95 % confidence interval over the fixed
+evaluation episodes, the best validation accuracy, a learning curve kept in the checkpoint,
+and a guard that stops on a non-finite loss before it touches the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from metalearn.errors import NonFiniteLossError
+
+
+def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
+    """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode accuracies."""
+    accs = accs.double()
+    n = accs.numel()
+    std = accs.std(unbiased=True).item() if n > 1 else 0.0
+    return accs.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+class EpisodicModule(L.LightningModule):
+    """Base class. Subclasses implement ``training_step`` and ``evaluate(episodes)``."""
+
+    def __init__(self, model: Callable[..., nn.Module] | nn.Module, optimizer: Callable,
+                 name: str = "", meta_batch_size: int = 32, cosine: bool = False,
+                 min_lr: float = 0.0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.algo_name = name
+        self.meta_batch_size = meta_batch_size
+        self.model = model if isinstance(model, nn.Module) else model(**self.model_options())
+        self.optimizer_factory = optimizer
+        self.cosine, self.min_lr = cosine, min_lr
+        self.val_best = 0.0
+        self.history: list[dict] = []
+        self._eval_accs: list[torch.Tensor] = []
+
+    # ---- hooks for subclasses -------------------------------------------------------
+    def model_options(self) -> dict:
+        """Extra keyword arguments for building the model (e.g. per-step BatchNorm)."""
+        return {}
+
+    def outer_parameters(self):
+        return self.parameters()
+
+    def evaluate(self, episodes) -> torch.Tensor:
+        """Adapt on each episode's support set; return query accuracy per episode [B]."""
+        raise NotImplementedError
+
+    # ---- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.outer_parameters())
+        if not self.cosine:
+            return opt
+        steps = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0
+                           else self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.min_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def check_finite(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; the "
+                "weights were not updated and the last good checkpoint is kept. Lower the "
+                "learning rates (algo.optimizer.lr, algo.inner_lr) or check the data."
+            )
+
+    def outer_step(self, objective: torch.Tensor) -> None:
+        """One outer update: backward through Lightning (DDP-safe), then step the optimizer."""
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(objective)
+        self.before_outer_step()
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+
+    def before_outer_step(self) -> None:
+        """Called with the meta-gradients in ``.grad``, before the optimizer steps."""
+
+    def query_acc_before(self, episodes) -> torch.Tensor:
+        """Query accuracy of the un-adapted model (train/acc_pre)."""
+        with torch.no_grad():
+            return torch.stack([
+                (self.model(qx).argmax(-1) == qy).float().mean()
+                for qx, qy in zip(episodes.query_x, episodes.query_y)
+            ])
+
+    def log_train(self, **values) -> None:
+        for k, v in values.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "acc"), on_step=True,
+                     batch_size=self.meta_batch_size)
+
+    # ---- evaluation -------------------------------------------------------------------
+    def validation_step(self, episodes, batch_idx):
+        self._eval_step(episodes)
+
+    def test_step(self, episodes, batch_idx):
+        self._eval_step(episodes)
+
+    def _eval_step(self, episodes) -> None:
+        with torch.enable_grad():
+            self._eval_accs.append(self.evaluate(episodes).detach().float())
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_accs = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _gathered_accs(self) -> torch.Tensor:
+        accs = torch.cat(self._eval_accs) if self._eval_accs else torch.zeros(0)
+        self._eval_accs = []
+        if self.trainer.world_size > 1:
+            accs = self.all_gather(accs).flatten()  # ranks hold disjoint, equal-sized shares
+        return accs
+
+    def on_validation_epoch_end(self) -> None:
+        accs = self._gathered_accs()
+        if self.trainer.sanity_checking or accs.numel() == 0:
+            return
+        acc, ci = mean_ci95(accs)
+        self.val_best = max(self.val_best, acc)
+        self.history.append({"epoch": self.current_epoch, "step": self.global_step,
+                             "val/acc": acc, "val/acc_ci95": ci})
+        self.log_dict({"val/acc": acc, "val/acc_ci95": ci, "val/acc_best": self.val_best},
+                      prog_bar=True, sync_dist=False)
+
+    def on_test_epoch_end(self) -> None:
+        acc, ci = mean_ci95(self._gathered_accs())
+        self.log_dict({"test/acc": acc, "test/acc_ci95": ci}, sync_dist=False)
+
+    # ---- checkpoint state beyond parameters -------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["metalearn"] = {"val_best": self.val_best, "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("metalearn", {})
+        self.val_best = state.get("val_best", 0.0)
+        self.history = list(state.get("history", []))

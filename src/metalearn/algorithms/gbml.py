@@ -1,0 +1,153 @@
+"""Gradient-based meta-learning: MAML, FOMAML, Meta-SGD, Alpha-MAML, ANIL and MAML++.
+
+One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``):
+
+* ``first_order``   FOMAML (Finn et al. 2017, sec. 5.2).
+* ``inner_rates``   "fixed" scalar ``inner_lr`` (MAML); "metasgd": a learned rate per
+  parameter element (Li et al. 2017); "lslr": learned per-layer, per-step rates (MAML++);
+  "hypergradient": a scalar rate alpha learned online by hypergradient descent, plus the
+  outer rate beta (Alpha-MAML, Behl et al. 2019).
+* ``adapt``         "all" parameters, or "head" only (ANIL, Raghu et al. 2020).
+* MAML++ (Antoniou et al. 2019): ``msl`` multi-step loss, ``bn_per_step``, ``da``
+  derivative-order annealing, ``cosine`` outer learning-rate annealing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from metalearn.algorithms.base import EpisodicModule
+from metalearn.engines.base import InnerLoop
+from metalearn.errors import ConfigError
+
+INNER_RATES = ("fixed", "metasgd", "lslr", "hypergradient")
+ADAPT = ("all", "head")
+
+
+def msl_weights(steps: int, epoch: int, msl_epochs: int) -> np.ndarray:
+    """MAML++ multi-step-loss importance, as in the reference code.
+
+    Uniform at epoch 0; non-final weights decay linearly (floor 0.03/steps) while the final
+    one grows; from ``msl_epochs`` on, the final step only. Always sums to 1.
+    """
+    if epoch >= msl_epochs or steps == 1:
+        return np.eye(steps)[-1]
+    w = np.full(steps, 1.0 / steps)
+    decay = 1.0 / steps / msl_epochs
+    floor = 0.03 / steps
+    w[:-1] = np.maximum(w[:-1] - epoch * decay, floor)
+    w[-1] = min(w[-1] + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    return w
+
+
+class GBML(EpisodicModule):
+    """MAML and its family. Args are the ``algo`` config keys (see conf/algo/maml.yaml)."""
+
+    def __init__(self, model, engine, optimizer, name: str = "maml", meta_batch_size: int = 32,
+                 inner_lr: float = 0.4, inner_steps: int = 1, inner_steps_test: int = 3,
+                 first_order: bool = False, inner_rates: str = "fixed", adapt: str = "all",
+                 inner_optimizer: str = "sgd", msl: bool = False, msl_epochs: int = 10,
+                 bn_per_step: bool = False, da: bool = False, da_epochs: int = 50,
+                 cosine: bool = False, min_lr: float = 0.0, alpha_lr: float = 1e-4,
+                 beta_lr: float = 1e-6):
+        if inner_rates not in INNER_RATES:
+            raise ConfigError(f"algo.inner_rates={inner_rates!r}; choose one of {INNER_RATES}")
+        if adapt not in ADAPT:
+            raise ConfigError(f"algo.adapt={adapt!r}; choose one of {ADAPT}")
+        if inner_steps < 1 or inner_steps_test < 1:
+            raise ConfigError("algo.inner_steps and algo.inner_steps_test must be >= 1")
+        self.inner_steps, self.bn_per_step = inner_steps, bn_per_step
+        super().__init__(model, optimizer, name, meta_batch_size, cosine, min_lr)
+        self.engine = engine
+        self.inner_lr, self.inner_steps_test = inner_lr, inner_steps_test
+        self.first_order, self.inner_rates, self.adapt = first_order, inner_rates, adapt
+        self.inner_optimizer = inner_optimizer
+        self.msl, self.msl_epochs, self.da, self.da_epochs = msl, msl_epochs, da, da_epochs
+        self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
+        self.adapted = [n for n, _ in self.model.named_parameters()
+                        if adapt == "all" or n.startswith("head.")]
+        self.rates = nn.ParameterDict(self._init_rates())
+        if inner_rates == "hypergradient":  # outer rate beta and the last meta-gradient
+            n_params = sum(p.numel() for p in self.model.parameters())
+            self.register_buffer("beta", torch.tensor(-1.0))  # < 0: take the optimizer's lr
+            self.register_buffer("prev_grad", torch.zeros(n_params))
+
+    # ---- construction ------------------------------------------------------------------
+    def model_options(self) -> dict:
+        return {"bn_steps": self.inner_steps} if self.bn_per_step else {}
+
+    def _init_rates(self) -> dict:
+        shapes = dict(self.model.named_parameters())
+        key = self.rate_key
+        if self.inner_rates == "metasgd":
+            return {key(n): nn.Parameter(torch.full_like(shapes[n], self.inner_lr))
+                    for n in self.adapted}
+        if self.inner_rates == "lslr":
+            return {key(n): nn.Parameter(torch.full((self.inner_steps,), self.inner_lr))
+                    for n in self.adapted}
+        if self.inner_rates == "hypergradient":
+            return {"alpha": nn.Parameter(torch.tensor(float(self.inner_lr)))}
+        return {}
+
+    @staticmethod
+    def rate_key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def inner_rate(self, name: str, step: int):
+        if self.inner_rates == "fixed":
+            return self.inner_lr
+        if self.inner_rates == "hypergradient":
+            return self.rates["alpha"]
+        rate = self.rates[self.rate_key(name)]
+        return rate[min(step, self.inner_steps - 1)] if self.inner_rates == "lslr" else rate
+
+    def outer_parameters(self):
+        if self.inner_rates == "hypergradient":  # alpha follows its hypergradient, not Adam
+            return [p for n, p in self.named_parameters() if n != "rates.alpha"]
+        return self.parameters()
+
+    # ---- the inner loop ------------------------------------------------------------------
+    def train_loop(self) -> InnerLoop:
+        first_order = self.first_order or (self.da and self.current_epoch < self.da_epochs)
+        weights = msl_weights(self.inner_steps, self.current_epoch, self.msl_epochs) \
+            if self.msl else None
+        return InnerLoop(self.inner_steps, self.inner_rate, self.adapted, first_order,
+                         weights, self.inner_optimizer)
+
+    def eval_loop(self) -> InnerLoop:
+        return InnerLoop(self.inner_steps_test, self.inner_rate, self.adapted, True,
+                         None, self.inner_optimizer)
+
+    def training_step(self, episodes, batch_idx):
+        acc_pre = self.query_acc_before(episodes)
+        out = self.engine(self.model, self.train_loop(), episodes)
+        self.check_finite(out.objective)
+        self.outer_step(out.objective)
+        self.log_train(loss=out.loss.mean(), acc=out.acc.mean(), acc_pre=acc_pre.mean())
+        if self.inner_rates == "hypergradient":
+            self.log_train(alpha=self.rates["alpha"].detach(), beta=self.beta)
+
+    def evaluate(self, episodes) -> torch.Tensor:
+        return self.engine(self.model, self.eval_loop(), episodes).acc
+
+    # ---- Alpha-MAML: hypergradient descent on alpha and beta -----------------------------
+    def before_outer_step(self) -> None:
+        if self.inner_rates != "hypergradient":
+            return
+        opt = self.optimizers().optimizer
+        if self.beta < 0:
+            self.beta.fill_(opt.param_groups[0]["lr"])
+        alpha = self.rates["alpha"]
+        with torch.no_grad():
+            if alpha.grad is not None:  # d(query loss)/d(alpha), from the same backward
+                alpha -= self.alpha_lr * alpha.grad
+                alpha.grad = None
+            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in self.model.parameters()])
+            # d(loss_t)/d(beta) = -g_t . g_{t-1}; zero on the first step
+            self.beta += self.beta_lr * torch.dot(grad, self.prev_grad)
+            self.prev_grad.copy_(grad)
+        for group in opt.param_groups:
+            group["lr"] = float(self.beta)

@@ -1,0 +1,74 @@
+"""What every inner-loop engine takes and returns.
+
+An engine is the only place that knows how a differentiable inner loop is computed.
+``engine(model, loop, episodes) -> Adapted``: adapt a copy of the model's parameters on each
+episode's support set for ``loop.steps`` steps and score its query set. ``Adapted.objective``
+is the meta-objective (mean over tasks); one ``backward`` of it yields the meta-gradients of
+the model's parameters and of any learned inner-loop rates.
+
+Semantics shared by all engines (tests hold them to it):
+* second order: the query loss is differentiated through every inner update;
+* first order: each inner update is treated as a constant shift, so the meta-gradient of
+  theta is sum_t w_t * dL_t/dphi_t and learned inner rates receive no gradient;
+* ``step_weights`` (MAML++ multi-step loss) weight the query loss after each step; ``None``
+  means the final step only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Rate = Callable[[str, int], "torch.Tensor | float"]
+
+
+@dataclass
+class InnerLoop:
+    """One inner loop: how many steps, which parameters, at what rates."""
+
+    steps: int
+    lr: Rate  # (parameter name, step) -> scalar or parameter-shaped rate
+    adapt: Sequence[str]  # names of the parameters adapted in the inner loop
+    first_order: bool = False
+    step_weights: Sequence[float] | None = None
+    optimizer: str = "sgd"  # sgd | momentum | adam (momentum and adam: higher engine only)
+    momentum: float = 0.9
+
+    def weights(self) -> list[float]:
+        if self.step_weights is None:
+            return [0.0] * (self.steps - 1) + [1.0]
+        if len(self.step_weights) != self.steps:
+            raise ValueError(f"{len(self.step_weights)} step weights for {self.steps} steps")
+        return [float(w) for w in self.step_weights]
+
+    def rate(self, name: str, step: int):
+        lr = self.lr(name, step)
+        return lr.detach() if self.first_order and torch.is_tensor(lr) else lr
+
+
+@dataclass
+class Adapted:
+    objective: torch.Tensor  # scalar meta-objective, mean over tasks (backward me)
+    loss: torch.Tensor  # [B] weighted query loss per task, detached (for logging)
+    acc: torch.Tensor  # [B] query accuracy after the last inner step
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == y).float().mean()
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def step_forward(model: nn.Module) -> Callable:
+    """``forward(params, x, step)`` through ``torch.func.functional_call``."""
+
+    def forward(params, x, step):
+        return torch.func.functional_call(model, params, (x,), {"step": step})
+
+    return forward

@@ -1,0 +1,96 @@
+"""Conv4, the standard few-shot backbone, with explicit BatchNorm modes.
+
+Every block is conv3x3 → affine-free BatchNorm → per-channel scale/shift → ReLU → max-pool.
+Keeping the affine part as explicit parameters (rather than BatchNorm's own weight/bias)
+makes the network exact under ``torch.func.vmap`` (affine BatchNorm gives silently wrong
+meta-gradients there, functorch issue 534), so every engine runs the same network.
+
+``forward(x, step=t)`` selects inner-loop step ``t``'s BatchNorm scale/shift and running
+statistics when ``bn_steps > 1`` (MAML++ per-step BatchNorm); steps past the last reuse it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metalearn.errors import ConfigError
+
+BN_MODES = ("transductive", "inductive")
+
+
+class StepNorm(nn.Module):
+    """Affine-free BatchNorm + explicit per-step, per-channel scale and shift.
+
+    transductive: always normalise with the statistics of the current batch (as in MAML).
+    inductive: track running statistics in training; in eval mode normalise with them,
+    so each test image is classified independently of the others.
+    """
+
+    def __init__(self, channels: int, steps: int = 1, mode: str = "transductive",
+                 momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        if mode not in BN_MODES:
+            raise ConfigError(f"model.bn_mode={mode!r} is unknown; choose one of {BN_MODES}")
+        self.mode, self.steps, self.momentum, self.eps = mode, steps, momentum, eps
+        self.scale = nn.Parameter(torch.ones(steps, channels))
+        self.shift = nn.Parameter(torch.zeros(steps, channels))
+        if mode == "inductive":
+            self.register_buffer("running_mean", torch.zeros(steps, channels))
+            self.register_buffer("running_var", torch.ones(steps, channels))
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        t = min(step, self.steps - 1)
+        if self.mode == "transductive":
+            x = F.batch_norm(x, None, None, training=True, eps=self.eps)
+        else:
+            x = F.batch_norm(x, self.running_mean[t], self.running_var[t],
+                             training=self.training, momentum=self.momentum, eps=self.eps)
+        return x * self.scale[t].view(1, -1, 1, 1) + self.shift[t].view(1, -1, 1, 1)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, bn_steps: int, bn_mode: str):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm = StepNorm(cout, bn_steps, bn_mode)
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.norm(self.conv(x), step)), 2)
+
+
+class Conv4(nn.Module):
+    """Four conv blocks and a linear head with ``ways`` outputs.
+
+    Args:
+        ways: number of classes per episode (head width).
+        channels: filters per conv layer (64 for Omniglot, 20 in the FF15 Quick Draw setup).
+        in_channels: image channels.
+        image_size: input height/width, used to size the head.
+        bn_mode: "transductive" (batch statistics; MAML default) or "inductive".
+        bn_steps: number of per-step BatchNorm copies (1 = shared; MAML++ uses inner_steps).
+    """
+
+    def __init__(self, ways: int, channels: int = 64, in_channels: int = 1,
+                 image_size: int = 28, bn_mode: str = "transductive", bn_steps: int = 1):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ConvBlock(in_channels if i == 0 else channels, channels, bn_steps, bn_mode)
+            for i in range(4)
+        )
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        if side < 1:
+            raise ConfigError(f"image_size={image_size} is too small for Conv4; use >= 16")
+        self.head = nn.Linear(channels * side * side, ways)
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, step)
+        return self.head(x.flatten(1))
+
+    def reset_head(self) -> None:
+        """Re-initialise the classifier (used by fine-tuning baselines)."""
+        self.head.reset_parameters()

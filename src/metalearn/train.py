@@ -1,0 +1,128 @@
+"""``run(cfg)``: validate → instantiate → fit → test → metrics.json. Returns the metrics.
+
+The same path serves ``train.py``, Hydra sweepers (Optuna maximises the returned
+``val/acc_best``) and the tests, which compose the real config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from metalearn import checks
+from metalearn.errors import NonFiniteLossError
+from metalearn.utils import finish_loggers, print_config_tree
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    flat = OmegaConf.to_container(cfg, resolve=True)
+    flat.pop("hydra", None)
+    for logger in loggers:
+        logger.log_hyperparams(flat)
+    return loggers
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and test one configuration; write ``metrics.json`` into ``cfg.output_dir``."""
+    start = time.time()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
+    checks.validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()  # raises ConfigError/DataError before anything is trained
+    algo = instantiate(cfg.algo, model=instantiate(cfg.model), engine=instantiate(cfg.engine))
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max",
+                                 save_last=True, filename="epoch{epoch:03d}-step{step}",
+                                 auto_insert_metric_name=False)
+    loggers = build_loggers(cfg)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint],
+                          default_root_dir=str(out))
+    metrics = {"status": "running"}
+    try:
+        try:
+            trainer.fit(algo, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except NonFiniteLossError as err:
+            kept = checkpoint.last_model_path or checkpoint.best_model_path or "none yet"
+            raise NonFiniteLossError(f"{err} Last good checkpoint: {kept}") from err
+        if cfg.get("test", True):
+            best = checkpoint.best_model_path or None
+            trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        metrics = collect_metrics(cfg, trainer, algo, checkpoint, time.time() - start)
+    except BaseException as err:
+        metrics = {**run_info(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        raise
+    finally:
+        write_metrics(out, metrics)
+        finish_loggers(loggers)
+    return metrics
+
+
+def run_info(cfg: DictConfig) -> dict:
+    return {"algo": cfg.algo.name, "dataset": cfg.data.name, "ways": cfg.ways,
+            "shots": cfg.shots, "queries": cfg.queries, "seed": cfg.seed,
+            "engine": cfg.engine._target_.rsplit(".", 1)[-1],
+            "samples_per_class": cfg.data.get("samples_per_class")}
+
+
+def collect_metrics(cfg, trainer, algo, checkpoint, wall_s: float) -> dict:
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()
+              if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+    return {
+        **run_info(cfg),
+        "status": "ok",
+        **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
+        "val/acc_best": algo.val_best,
+        "test_episodes": cfg.data.test_episodes,
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "wall_s": round(wall_s, 2),
+        "best_checkpoint": checkpoint.best_model_path,
+        "curve": algo.history,
+    }
+
+
+def write_metrics(out: Path, metrics: dict) -> None:
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    tmp.replace(out / "metrics.json")
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Entry point of ``train.py``: returns ``val/acc_best`` for Hydra sweepers.
+
+    In a sweep (``-m``) a failing job is recorded in its metrics.json and logged, and the
+    sweep goes on with the next job; a single run re-raises, so the exit status is non-zero.
+    """
+    from metalearn.errors import MetalearnError
+
+    try:
+        return run(cfg).get("val/acc_best")
+    except MetalearnError as err:
+        if not in_multirun():
+            raise
+        log.error("job failed, sweep continues: %s", err)
+        return None

@@ -1,0 +1,29 @@
+"""Shared fixtures. Real data is found through METALEARN_DATA_DIR (CI sets it to
+../shared/data); without it, the shared/data folder beside the checkout is used."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("METALEARN_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (root / "omniglot").is_dir():
+        pytest.fail(f"real data not found under {root}: set METALEARN_DATA_DIR to the folder "
+                    "holding omniglot/ and quickdraw/ (see README)")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    yield
