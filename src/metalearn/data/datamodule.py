@@ -171,7 +171,7 @@ class EpisodeDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{key}={value}: it must be 0 or more")
         if not 0 <= rank < world_size:
             raise ConfigError(f"data.rank={rank} must be in 0..world_size-1 ({world_size - 1})")
-        self.save_hyperparameters()
+        # no save_hyperparameters(): keys like `name`/`seed` would clash with the algorithm's
         self.name, self.root = name, str(root)
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
         self.meta_batch_size, self.batches_per_epoch = int(meta_batch_size), int(batches_per_epoch)

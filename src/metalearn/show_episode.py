@@ -1,0 +1,94 @@
+"""Draw one episode to a PNG: `python -m metalearn.show_episode data=quickdraw ways=5 shots=1`.
+
+Rows 1..N: the K support images of label 0..N-1 (class name on the left); below them the query
+images titled with their labels. Options: `+out=path.png` (default: episode.png in the Hydra run
+dir) and `+split=val|test|train` (default val: the first fixed val episode, seeded by
+data.eval_seed; train: the first episode of the first training meta-batch).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import matplotlib
+from omegaconf import DictConfig
+
+from metalearn.data.episodes import EpisodeIndices, materialise
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+QUERY_COLUMNS = 10
+
+
+def episode_figure(support, query_x, query_y, class_names: list[str]):
+    """A matplotlib Figure of one episode: support [N, K, H, W], query [M, H, W] with labels."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ways, shots = support.shape[:2]
+    columns = max(shots, min(QUERY_COLUMNS, len(query_x)))
+    query_rows = math.ceil(len(query_x) / columns)
+    fig, axes = plt.subplots(
+        ways + query_rows,
+        columns,
+        figsize=(1.2 * columns + 2, 1.2 * (ways + query_rows)),
+        squeeze=False,
+    )
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for label in range(ways):
+        axes[label, 0].set_ylabel(f"{label}: {class_names[label]}", rotation=0, ha="right")
+        for k in range(shots):
+            axes[label, k].imshow(support[label, k], cmap="gray_r", vmin=0, vmax=1)
+    for m, (image, label) in enumerate(zip(query_x, query_y, strict=True)):
+        ax = axes[ways + m // columns, m % columns]
+        ax.imshow(image, cmap="gray_r", vmin=0, vmax=1)
+        ax.set_title(f"query: {int(label)}", fontsize=8)
+    fig.suptitle(f"{ways}-way {shots}-shot episode (support rows, then queries)")
+    fig.tight_layout()
+    return fig
+
+
+def render_episode(cfg: DictConfig) -> Path:
+    """Instantiate cfg.data, draw one episode of `split`, save the PNG; returns its path."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup()
+    split = cfg.get("split", "val")
+    if split == "train":  # the first episode of the first training meta-batch
+        indices = datamodule.train_dataset().indices(0)
+    else:  # the first fixed val/test episode
+        indices = datamodule.eval_dataset(split).index
+    indices = EpisodeIndices(*(a[:1] for a in indices))
+    classes, ways, shots = getattr(datamodule.splits, split), datamodule.ways, datamodule.shots
+    episode = materialise(classes.images, indices, shots)
+    support = episode.support_x[0, :, 0].reshape(ways, shots, *episode.support_x.shape[-2:])
+    names = [classes.names[c] for c in indices.classes[0]]
+    fig = episode_figure(
+        support.numpy(), episode.query_x[0, :, 0].numpy(), episode.query_y[0].numpy(), names
+    )
+    out = Path(cfg.get("out") or Path(_run_dir()) / "episode.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    matplotlib.pyplot.close(fig)
+    return out.resolve()
+
+
+def _run_dir() -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:  # not running under @hydra.main
+        return "."
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    print(render_episode(cfg))
+
+
+if __name__ == "__main__":
+    main()

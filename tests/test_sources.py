@@ -1,0 +1,191 @@
+"""Dataset sources on the real data: counts, polarity, splits, rotations, file formats, errors."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from metalearn.data.sources import load_splits
+from metalearn.data.sources.base import ClassImages
+from metalearn.data.sources.omniglot import load_omniglot
+from metalearn.data.sources.quickdraw import CATEGORIES, load_quickdraw, read_bitmap_file
+from metalearn.data.splits import Splits, check_disjoint
+from metalearn.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def omniglot(data_root) -> Splits:
+    return load_omniglot(data_root)
+
+
+@pytest.fixture(scope="module")
+def quickdraw(data_root) -> Splits:
+    return load_quickdraw(data_root)
+
+
+def test_omniglot_counts_and_whole_alphabets(omniglot):
+    train, val, test = omniglot.train, omniglot.val, omniglot.test
+    assert train.num_classes + val.num_classes == 964
+    assert test.num_classes == 659
+    assert val.num_classes >= 150
+    assert len(set(train.groups) | set(val.groups)) == 30
+    assert not set(train.groups) & set(val.groups), "an alphabet is split across train/val"
+    assert len(set(test.groups)) == 20
+    assert {c.images_per_class for _, c in omniglot.items()} == {20}
+    check_disjoint(omniglot)
+
+
+def test_omniglot_split_is_seeded(data_root, omniglot):
+    again = load_omniglot(data_root)
+    other = load_omniglot(data_root, split_seed=1)
+    assert again.val.names == omniglot.val.names
+    assert set(other.val.groups) != set(omniglot.val.groups)
+    assert other.test.names == omniglot.test.names  # the test split never depends on the seed
+
+
+@pytest.mark.parametrize("dataset", ["omniglot", "quickdraw"])
+def test_ink_is_high(dataset, omniglot, quickdraw):
+    splits = omniglot if dataset == "omniglot" else quickdraw
+    for _, classes in splits.items():
+        images = classes.images
+        assert images.dtype == np.uint8
+        assert images.mean() < 60, "mostly background must be dark: ink should be 255"
+        assert images.max() == 255 and (images == 0).mean() > 0.5
+
+
+def test_omniglot_105_and_resized_shapes(data_root):
+    big = load_omniglot(data_root, image_size=105)
+    assert big.test.images.shape == (659, 20, 105, 105)
+    assert big.train.images.shape[1:] == (20, 105, 105)
+    assert big.test.images.mean() < 60
+    assert load_omniglot(data_root).test.images.shape == (659, 20, 28, 28)
+
+
+def test_rotations_quadruple_classes_within_split(data_root, omniglot):
+    rotated = load_splits("omniglot", data_root, rotations=True)
+    for split, classes in rotated.items():
+        plain = getattr(omniglot, split)
+        assert classes.num_classes == 4 * plain.num_classes
+        assert {n.split("/rot")[0] for n in classes.names} == set(plain.names)
+    i = rotated.test.names.index(omniglot.test.names[0] + "/rot90")
+    np.testing.assert_array_equal(
+        rotated.test.images[i], np.rot90(omniglot.test.images[0], 1, axes=(1, 2))
+    )
+    check_disjoint(rotated)
+
+
+def test_check_disjoint_catches_leaks(omniglot):
+    leaked = ClassImages(
+        omniglot.test.images[:1], [omniglot.test.names[0] + "/rot180"], omniglot.test.groups[:1]
+    )
+    bad = Splits(train=omniglot.train, val=leaked, test=omniglot.test)
+    with pytest.raises(ValueError, match="val/test.*" + omniglot.test.names[0].split("/")[0]):
+        check_disjoint(bad)
+
+
+def test_quickdraw_split_sizes(quickdraw):
+    assert [c.num_classes for _, c in quickdraw.items()] == [207, 69, 69]
+    assert quickdraw.train.images.shape[1:] == (100, 28, 28)
+    assert sorted(sum(quickdraw.class_names().values(), [])) == sorted(CATEGORIES)
+    check_disjoint(quickdraw)
+
+
+def test_quickdraw_samples_per_class_is_seeded(data_root):
+    a = load_splits("quickdraw", data_root, samples_per_class=20)
+    b = load_splits("quickdraw", data_root, samples_per_class=20)
+    c = load_splits("quickdraw", data_root, samples_per_class=20, split_seed=1)
+    assert a.train.images.shape == (207, 20, 28, 28)
+    np.testing.assert_array_equal(a.train.images, b.train.images)
+    shared = sorted(set(a.train.names) & set(c.train.names))[0]
+    assert not np.array_equal(
+        a.train.images[a.train.names.index(shared)], c.train.images[c.train.names.index(shared)]
+    )
+    with pytest.raises(ConfigError, match="samples_per_class=200.*100 images per class"):
+        load_splits("quickdraw", data_root, samples_per_class=200)
+
+
+def test_unknown_dataset_lists_choices(data_root):
+    with pytest.raises(ConfigError, match=r"choose one of \['omniglot', 'quickdraw'\]"):
+        load_splits("mnist", data_root)
+
+
+def _fake_omniglot_tree(folder, alphabets, chars=2, drawers=3, size=105):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for a in alphabets:
+        for c in range(1, chars + 1):
+            cdir = folder / a / f"character{c:02d}"
+            cdir.mkdir(parents=True)
+            for d in range(1, drawers + 1):
+                paper = np.full((size, size), 255, np.uint8)  # original polarity: 255 = paper
+                paper[rng.integers(0, size, 50), rng.integers(0, size, 50)] = 0
+                Image.fromarray(paper).convert("1").save(cdir / f"0001_{d:02d}.png")
+
+
+def test_original_png_layout_folder_and_zip(tmp_path):
+    pytest.importorskip("PIL", reason="Pillow is needed to read the original PNG layout")
+    omni = tmp_path / "omniglot"
+    _fake_omniglot_tree(omni / "images_background", [f"Bg{i:02d}" for i in range(40)], chars=4)
+    _fake_omniglot_tree(omni / "images_evaluation", ["EvA", "EvB"], chars=3)
+    # the evaluation part as the official zip instead of a folder
+    with zipfile.ZipFile(omni / "images_evaluation.zip", "w") as archive:
+        for png in sorted((omni / "images_evaluation").rglob("*.png")):
+            archive.write(png, png.relative_to(omni).as_posix())
+    for png in (omni / "images_evaluation").rglob("*.png"):
+        png.unlink()
+    for d in sorted((omni / "images_evaluation").rglob("*"), reverse=True):
+        d.rmdir()
+    (omni / "images_evaluation").rmdir()
+
+    splits = load_omniglot(tmp_path, image_size=28, download=False)
+    # val takes whole alphabets until >= 150 classes: 38 of the 40 fake alphabets
+    assert (splits.val.num_classes, splits.train.num_classes) == (152, 8)
+    assert not set(splits.train.groups) & set(splits.val.groups)
+    assert splits.test.names == [f"Ev{a}/character{c:02d}" for a in "AB" for c in (1, 2, 3)]
+    assert splits.test.images.shape == (6, 3, 28, 28)
+    assert splits.test.images.mean() < 60  # inverted: ink high
+    full = load_omniglot(tmp_path, image_size=105, download=False)
+    assert (full.test.images == 255).sum() > 0 and set(np.unique(full.test.images)) <= {0, 255}
+
+
+def test_missing_omniglot_names_files(tmp_path):
+    with pytest.raises(DataError, match="images_background_28.npz.*images_evaluation_28.npz"):
+        load_omniglot(tmp_path, download=False)
+    with pytest.raises(DataError, match="quickdraw_345x100_28.npz"):
+        load_quickdraw(tmp_path, download=False)
+
+
+def test_corrupt_npz_names_file(tmp_path):
+    omni = tmp_path / "omniglot"
+    omni.mkdir()
+    (omni / "images_background_28.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match=r"images_background_28\.npz.*(corrupt|unreadable)"):
+        load_omniglot(tmp_path, download=False)
+    np.savez(omni / "images_background_28.npz", images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(DataError, match=r"images_background_28\.npz lacks .*labels"):
+        load_omniglot(tmp_path, download=False)
+
+
+def test_numpy_bitmap_files_load(tmp_path):
+    folder = tmp_path / "quickdraw" / "numpy_bitmap"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(CATEGORIES):
+        rows = np.full((6, 784), i % 256, np.uint8)
+        rows[:, 0] = np.arange(6)
+        np.save(folder / f"{name}.npy", rows)
+    splits = load_quickdraw(
+        tmp_path, quickdraw_format="numpy_bitmap", quickdraw_rows=5, download=False
+    )
+    assert [c.num_classes for _, c in splits.items()] == [207, 69, 69]
+    name = splits.test.names[3]
+    assert splits.test.images.shape == (69, 5, 28, 28)
+    assert (splits.test.images[3, :, 0, 1] == CATEGORIES.index(name) % 256).all()
+    np.testing.assert_array_equal(splits.test.images[3, :, 0, 0], np.arange(5))
+    assert read_bitmap_file(folder / "airplane.npy", 7) is None  # too few rows
+    with pytest.raises(DataError, match="quickdraw_rows=7"):
+        load_quickdraw(tmp_path, quickdraw_format="numpy_bitmap", quickdraw_rows=7, download=False)
+    with pytest.raises(ConfigError, match="quickdraw_format='png'.*npz"):
+        load_quickdraw(tmp_path, quickdraw_format="png")
