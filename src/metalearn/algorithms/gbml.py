@@ -6,10 +6,16 @@ One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``)
 * ``inner_rates``   "fixed" scalar ``inner_lr`` (MAML); "metasgd": a learned rate per
   parameter element (Li et al. 2017); "lslr": learned per-layer, per-step rates (MAML++);
   "hypergradient": a scalar rate alpha learned online by hypergradient descent, plus the
-  outer rate beta (Alpha-MAML, Behl et al. 2019).
+  outer rate beta (Alpha-MAML, Behl et al. 2019). ``lslr: true`` is MAML++'s switch for
+  ``inner_rates=lslr``.
 * ``adapt``         "all" parameters, or "head" only (ANIL, Raghu et al. 2020).
 * MAML++ (Antoniou et al. 2019): ``msl`` multi-step loss, ``bn_per_step``, ``da``
   derivative-order annealing, ``cosine`` outer learning-rate annealing.
+
+Learned rates under first order: the engines treat each first-order inner update as a
+constant shift, so learned rates get no meta-gradient then. ``first_order=true`` with learned
+rates is therefore refused; with ``da`` the rates stay at their values until the switch to
+second order.
 """
 
 from __future__ import annotations
@@ -42,22 +48,59 @@ def msl_weights(steps: int, epoch: int, msl_epochs: int) -> np.ndarray:
     return w
 
 
+def plain_sgd(opt: torch.optim.Optimizer) -> bool:
+    return type(opt) is torch.optim.SGD and all(
+        not g["momentum"] and not g["weight_decay"] for g in opt.param_groups
+    )
+
+
 class GBML(EpisodicModule):
     """MAML and its family. Args are the ``algo`` config keys (see conf/algo/maml.yaml)."""
 
-    def __init__(self, model, engine, optimizer, name: str = "maml", meta_batch_size: int = 32,
-                 inner_lr: float = 0.4, inner_steps: int = 1, inner_steps_test: int = 3,
-                 first_order: bool = False, inner_rates: str = "fixed", adapt: str = "all",
-                 inner_optimizer: str = "sgd", msl: bool = False, msl_epochs: int = 10,
-                 bn_per_step: bool = False, da: bool = False, da_epochs: int = 50,
-                 cosine: bool = False, min_lr: float = 0.0, alpha_lr: float = 1e-4,
-                 beta_lr: float = 1e-6):
+    def __init__(
+        self,
+        model,
+        engine,
+        optimizer,
+        name: str = "maml",
+        meta_batch_size: int = 32,
+        inner_lr: float = 0.4,
+        inner_steps: int = 1,
+        inner_steps_test: int = 3,
+        first_order: bool = False,
+        inner_rates: str = "fixed",
+        adapt: str = "all",
+        inner_optimizer: str = "sgd",
+        msl: bool = False,
+        msl_epochs: int = 10,
+        bn_per_step: bool = False,
+        da: bool = False,
+        da_epochs: int = 50,
+        cosine: bool = False,
+        min_lr: float = 0.0,
+        alpha_lr: float = 1e-4,
+        beta_lr: float = 1e-6,
+        lslr: bool = False,
+    ):
+        if lslr and inner_rates not in ("fixed", "lslr"):
+            raise ConfigError(f"algo.lslr=true conflicts with algo.inner_rates={inner_rates}")
+        inner_rates = "lslr" if lslr else inner_rates
         if inner_rates not in INNER_RATES:
             raise ConfigError(f"algo.inner_rates={inner_rates!r}; choose one of {INNER_RATES}")
         if adapt not in ADAPT:
             raise ConfigError(f"algo.adapt={adapt!r}; choose one of {ADAPT}")
         if inner_steps < 1 or inner_steps_test < 1:
             raise ConfigError("algo.inner_steps and algo.inner_steps_test must be >= 1")
+        if first_order and inner_rates != "fixed":
+            raise ConfigError(
+                f"algo.inner_rates={inner_rates} learns inner rates, which get no meta-gradient "
+                "under algo.first_order=true; set algo.first_order=false (or use algo.da)"
+            )
+        if inner_rates == "hypergradient" and cosine:
+            raise ConfigError(
+                "algo.inner_rates=hypergradient sets the outer rate beta itself; "
+                "set algo.cosine=false"
+            )
         self.inner_steps, self.bn_per_step = inner_steps, bn_per_step
         super().__init__(model, optimizer, name, meta_batch_size, cosine, min_lr)
         self.engine = engine
@@ -66,8 +109,9 @@ class GBML(EpisodicModule):
         self.inner_optimizer = inner_optimizer
         self.msl, self.msl_epochs, self.da, self.da_epochs = msl, msl_epochs, da, da_epochs
         self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
-        self.adapted = [n for n, _ in self.model.named_parameters()
-                        if adapt == "all" or n.startswith("head.")]
+        self.adapted = [
+            n for n, _ in self.model.named_parameters() if adapt == "all" or n.startswith("head.")
+        ]
         self.rates = nn.ParameterDict(self._init_rates())
         if inner_rates == "hypergradient":  # outer rate beta and the last meta-gradient
             n_params = sum(p.numel() for p in self.model.parameters())
@@ -82,11 +126,15 @@ class GBML(EpisodicModule):
         shapes = dict(self.model.named_parameters())
         key = self.rate_key
         if self.inner_rates == "metasgd":
-            return {key(n): nn.Parameter(torch.full_like(shapes[n], self.inner_lr))
-                    for n in self.adapted}
+            return {
+                key(n): nn.Parameter(torch.full_like(shapes[n], self.inner_lr))
+                for n in self.adapted
+            }
         if self.inner_rates == "lslr":
-            return {key(n): nn.Parameter(torch.full((self.inner_steps,), self.inner_lr))
-                    for n in self.adapted}
+            return {
+                key(n): nn.Parameter(torch.full((self.inner_steps,), self.inner_lr))
+                for n in self.adapted
+            }
         if self.inner_rates == "hypergradient":
             return {"alpha": nn.Parameter(torch.tensor(float(self.inner_lr)))}
         return {}
@@ -109,16 +157,26 @@ class GBML(EpisodicModule):
         return self.parameters()
 
     # ---- the inner loop ------------------------------------------------------------------
+    def first_order_now(self, epoch: int) -> bool:
+        """FOMAML always; MAML++ derivative-order annealing: first order before da_epochs."""
+        return self.first_order or (self.da and epoch < self.da_epochs)
+
     def train_loop(self) -> InnerLoop:
-        first_order = self.first_order or (self.da and self.current_epoch < self.da_epochs)
-        weights = msl_weights(self.inner_steps, self.current_epoch, self.msl_epochs) \
-            if self.msl else None
-        return InnerLoop(self.inner_steps, self.inner_rate, self.adapted, first_order,
-                         weights, self.inner_optimizer)
+        epoch = self.current_epoch
+        weights = msl_weights(self.inner_steps, epoch, self.msl_epochs) if self.msl else None
+        return InnerLoop(
+            self.inner_steps,
+            self.inner_rate,
+            self.adapted,
+            self.first_order_now(epoch),
+            weights,
+            self.inner_optimizer,
+        )
 
     def eval_loop(self) -> InnerLoop:
-        return InnerLoop(self.inner_steps_test, self.inner_rate, self.adapted, True,
-                         None, self.inner_optimizer)
+        return InnerLoop(
+            self.inner_steps_test, self.inner_rate, self.adapted, True, None, self.inner_optimizer
+        )
 
     def training_step(self, episodes, batch_idx):
         acc_pre = self.query_acc_before(episodes)
@@ -133,6 +191,15 @@ class GBML(EpisodicModule):
         return self.engine(self.model, self.eval_loop(), episodes).acc
 
     # ---- Alpha-MAML: hypergradient descent on alpha and beta -----------------------------
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        if self.inner_rates == "hypergradient" and not plain_sgd(opt):
+            raise ConfigError(
+                "algo.inner_rates=hypergradient adapts beta as plain SGD's rate (Alpha-MAML): "
+                "set algo.optimizer._target_=torch.optim.SGD without momentum or weight decay"
+            )
+        return opt
+
     def before_outer_step(self) -> None:
         if self.inner_rates != "hypergradient":
             return
@@ -144,8 +211,12 @@ class GBML(EpisodicModule):
             if alpha.grad is not None:  # d(query loss)/d(alpha), from the same backward
                 alpha -= self.alpha_lr * alpha.grad
                 alpha.grad = None
-            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                              for p in self.model.parameters()])
+            grad = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                    for p in self.model.parameters()
+                ]
+            )
             # d(loss_t)/d(beta) = -g_t . g_{t-1}; zero on the first step
             self.beta += self.beta_lr * torch.dot(grad, self.prev_grad)
             self.prev_grad.copy_(grad)

@@ -86,10 +86,14 @@ class Conv4(nn.Module):
             raise ConfigError(f"image_size={image_size} is too small for Conv4; use >= 16")
         self.head = nn.Linear(channels * side * side, ways)
 
-    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def features(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Flattened output of the four blocks (the embedding ProtoNet and fine-tuning use)."""
         for block in self.blocks:
             x = block(x, step)
-        return self.head(x.flatten(1))
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        return self.head(self.features(x, step))
 
     def reset_head(self) -> None:
         """Re-initialise the classifier (used by fine-tuning baselines)."""

@@ -1,0 +1,141 @@
+"""Fine-tuning baseline (transfer learning; cf. Chen et al. 2019, "A closer look at few-shot
+classification").
+
+Training is ordinary supervised learning: batches of ``batch_size`` meta-train images with
+their global class labels, drawn from ``datamodule.splits.train`` by a generator seeded by
+(seed, rank, step), through the backbone's ``features`` and a linear classifier over all
+meta-train classes. The episodes the loader yields are ignored (keep ``meta_batch_size`` 1).
+
+Evaluation, per episode: a fresh zero-initialised ``ways``-way head (zero: deterministic, and
+with a frozen body the fit is plain logistic regression) is trained on the support set for
+``inner_steps_test`` steps, with the body frozen or, with ``finetune_all``, trained too;
+then the query set is scored.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metalearn.algorithms.base import EpisodicModule
+from metalearn.algorithms.fitting import OPTIMIZERS, accuracy, fit
+from metalearn.errors import ConfigError
+
+HEAD = ("head.weight", "head.bias")
+
+
+class FineTune(EpisodicModule):
+    """Args are the ``algo`` config keys (see conf/algo/finetune.yaml); ``engine`` is unused."""
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        engine=None,
+        name: str = "finetune",
+        meta_batch_size: int = 1,
+        batch_size: int = 64,
+        seed: int = 0,
+        inner_lr: float = 0.01,
+        inner_steps_test: int = 100,
+        inner_optimizer: str = "adam",
+        finetune_all: bool = False,
+    ):
+        if inner_optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"algo.inner_optimizer={inner_optimizer!r}; choose one of {OPTIMIZERS}"
+            )
+        if batch_size < 1 or inner_steps_test < 1:
+            raise ConfigError("algo.batch_size and algo.inner_steps_test must be >= 1")
+        super().__init__(model, optimizer, name, meta_batch_size)
+        self.model.head.requires_grad_(False)  # episode heads are fitted at test time
+        self.batch_size, self.seed = batch_size, seed
+        self.inner_lr, self.inner_steps_test = inner_lr, inner_steps_test
+        self.inner_optimizer, self.finetune_all = inner_optimizer, finetune_all
+        self.classifier: nn.Linear | None = None  # over all meta-train classes (see setup)
+
+    # ---- the pre-training classifier, sized by the data ----------------------------------
+    def setup(self, stage: str) -> None:
+        if self.classifier is None:
+            self.build_classifier(self.trainer.datamodule.splits.train.num_classes)
+
+    def build_classifier(self, num_classes: int) -> None:
+        self.classifier = nn.Linear(self.model.head.in_features, num_classes).to(self.device)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        weight = checkpoint.get("state_dict", {}).get("classifier.weight")
+        if self.classifier is None and weight is not None:
+            self.build_classifier(weight.shape[0])
+
+    def outer_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- supervised pre-training -------------------------------------------------------------
+    def supervised_batch(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` images drawn uniformly from uint8 [C, n, H, W], labels = class ids."""
+        rng = np.random.default_rng([self.seed, self.global_rank, self.global_step])
+        classes = rng.integers(images.shape[0], size=self.batch_size)
+        picks = rng.integers(images.shape[1], size=self.batch_size)
+        x = torch.from_numpy(images[classes, picks]).float().div_(255.0).unsqueeze(1)
+        return x.to(self.device), torch.from_numpy(classes).to(self.device)
+
+    def training_step(self, episodes, batch_idx):
+        x, y = self.supervised_batch(self.trainer.datamodule.splits.train.images)
+        logits = self.classifier(self.model.features(x))
+        loss = F.cross_entropy(logits, y)
+        self.check_finite(loss)
+        self.outer_step(loss)
+        self.log_train(loss=loss.detach(), acc=accuracy(logits.detach(), y))
+
+    # ---- evaluation: fit a fresh head on each support set -------------------------------
+    def fresh_head(self, ways: int) -> dict:
+        dim = self.model.head.in_features
+        weight = self.model.head.weight.new_zeros(ways, dim)
+        return {"head.weight": weight, "head.bias": weight.new_zeros(ways)}
+
+    def evaluate(self, episodes) -> torch.Tensor:
+        return torch.stack(
+            [
+                self.evaluate_episode(sx, sy, qx, qy)
+                for sx, sy, qx, qy in zip(*episodes, strict=True)
+            ]
+        )
+
+    def evaluate_episode(self, sx, sy, qx, qy) -> torch.Tensor:
+        head = self.fresh_head(int(sy.max()) + 1)
+        if self.finetune_all:
+            params = {**dict(self.model.named_parameters()), **head}
+
+            def forward(p, x):
+                return functional_call(self.model, p, (x,))
+
+            fitted, _ = fit(
+                forward,
+                params,
+                params,
+                [(sx, sy)] * self.inner_steps_test,
+                self.inner_optimizer,
+                self.inner_lr,
+            )
+            with torch.no_grad():
+                return accuracy(forward(fitted, qx), qy)
+        with torch.no_grad():
+            fs, fq = self.model.features(sx), self.model.features(qx)
+
+        def linear(p, f):
+            return F.linear(f, p["head.weight"], p["head.bias"])
+
+        fitted, _ = fit(
+            linear,
+            head,
+            HEAD,
+            [(fs, sy)] * self.inner_steps_test,
+            self.inner_optimizer,
+            self.inner_lr,
+        )
+        with torch.no_grad():
+            return accuracy(linear(fitted, fq), qy)

@@ -1,0 +1,68 @@
+"""Prototypical Networks (Snell, Swersky & Zemel 2017).
+
+No inner loop: embed support and query images with the backbone's ``features`` (one forward
+of both together, as in the reference code), average each class's support embeddings into a
+prototype, and score each query by the negative squared Euclidean distance to every
+prototype. Trained end to end on the query cross-entropy (Adam in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from metalearn.algorithms.base import EpisodicModule
+from metalearn.algorithms.fitting import accuracy
+
+
+def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """Class means of the support embeddings [ways, D]."""
+    sums = support.new_zeros(ways, support.shape[1]).index_add_(0, labels, support)
+    return sums / torch.bincount(labels, minlength=ways).clamp(min=1).unsqueeze(1).to(sums)
+
+
+def prototype_logits(support, labels, query, ways: int) -> torch.Tensor:
+    """-||query_i - prototype_k||^2 [Q, ways]."""
+    diff = query.unsqueeze(1) - prototypes(support, labels, ways).unsqueeze(0)
+    return -diff.pow(2).sum(-1)
+
+
+class ProtoNet(EpisodicModule):
+    """Args are the ``algo`` config keys (see conf/algo/protonet.yaml); ``engine`` is unused.
+
+    The backbone's classification head is unused and frozen (so DDP sees no unused
+    trainable parameters).
+    """
+
+    def __init__(
+        self, model, optimizer, engine=None, name: str = "protonet", meta_batch_size: int = 1
+    ):
+        super().__init__(model, optimizer, name, meta_batch_size)
+        self.model.head.requires_grad_(False)
+
+    def outer_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def episode_logits(self, sx, sy, qx) -> torch.Tensor:
+        emb = self.model.features(torch.cat([sx, qx]))
+        return prototype_logits(emb[: len(sx)], sy, emb[len(sx) :], int(sy.max()) + 1)
+
+    def training_step(self, episodes, batch_idx):
+        losses, accs = [], []
+        for sx, sy, qx, qy in zip(*episodes, strict=True):
+            logits = self.episode_logits(sx, sy, qx)
+            losses.append(F.cross_entropy(logits, qy))
+            accs.append(accuracy(logits.detach(), qy))
+        loss = torch.stack(losses).mean()
+        self.check_finite(loss)
+        self.outer_step(loss)
+        self.log_train(loss=loss.detach(), acc=torch.stack(accs).mean())
+
+    def evaluate(self, episodes) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack(
+                [
+                    accuracy(self.episode_logits(sx, sy, qx), qy)
+                    for sx, sy, qx, qy in zip(*episodes, strict=True)
+                ]
+            )

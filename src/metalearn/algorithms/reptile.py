@@ -1,0 +1,153 @@
+"""Reptile (Nichol, Achiam & Schulman 2018).
+
+Per task: ``inner_steps`` steps of a plain inner optimizer (SGD, momentum or Adam) from theta
+to phi. Outer update: theta <- theta + eps * mean_tasks(phi - theta), with eps annealed
+linearly to 0 over ``trainer.max_steps``. The update is applied as the gradient of the
+surrogate ``sum_p p * (theta - phi_mean)_p`` through ``manual_backward`` (so DDP averages it
+over ranks) and an SGD outer optimizer whose learning rate is eps.
+
+Task data (``task_data``): "all" trains on the episode's support and query images together,
+as Nichol et al. train on every sample of a task (no train/test split is needed, since the
+outer update uses no query loss); "support" uses the support set only, exactly the K-shot
+condition met at test time. Evaluation fine-tunes on the support set for
+``inner_steps_test`` steps and scores the query set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from metalearn.algorithms.base import EpisodicModule
+from metalearn.algorithms.fitting import OPTIMIZERS, accuracy, fit
+from metalearn.errors import ConfigError
+
+TASK_DATA = ("all", "support")
+
+
+class Reptile(EpisodicModule):
+    """Args are the ``algo`` config keys (see conf/algo/reptile.yaml).
+
+    ``engine`` is accepted for a uniform interface and unused: Reptile needs no
+    differentiable inner loop.
+    """
+
+    def __init__(
+        self,
+        model,
+        optimizer,
+        engine=None,
+        name: str = "reptile",
+        meta_batch_size: int = 5,
+        inner_lr: float = 0.001,
+        inner_steps: int = 5,
+        inner_steps_test: int = 50,
+        inner_optimizer: str = "adam",
+        adam_beta1: float = 0.0,
+        inner_batch_size: int | None = 10,
+        task_data: str = "all",
+        seed: int = 0,
+    ):
+        if inner_optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"algo.inner_optimizer={inner_optimizer!r}; choose one of {OPTIMIZERS}"
+            )
+        if task_data not in TASK_DATA:
+            raise ConfigError(f"algo.task_data={task_data!r}; choose one of {TASK_DATA}")
+        if inner_steps < 1 or inner_steps_test < 1:
+            raise ConfigError("algo.inner_steps and algo.inner_steps_test must be >= 1")
+        if inner_batch_size is not None and inner_batch_size < 1:
+            raise ConfigError("algo.inner_batch_size must be >= 1 (or null: the whole task)")
+        super().__init__(model, optimizer, name, meta_batch_size)
+        self.inner_lr, self.inner_steps, self.inner_steps_test = (
+            inner_lr,
+            inner_steps,
+            inner_steps_test,
+        )
+        self.inner_optimizer, self.adam_beta1 = inner_optimizer, adam_beta1
+        self.inner_batch_size, self.task_data, self.seed = inner_batch_size, task_data, seed
+
+    # ---- outer learning rate eps: linear annealing to 0 ---------------------------------
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.outer_parameters())
+        total = max(
+            1,
+            int(
+                self.trainer.max_steps
+                if self.trainer.max_steps > 0
+                else self.trainer.estimated_stepping_batches
+            ),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- inner loop ------------------------------------------------------------------------
+    def forward_with(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def inner_batches(self, x, y, task: int) -> list[tuple]:
+        """``inner_steps`` minibatches cycling through a seeded shuffle of the task's samples."""
+        if self.inner_batch_size is None or self.inner_batch_size >= len(y):
+            return [(x, y)] * self.inner_steps
+        key = np.random.SeedSequence([self.seed, self.global_rank, self.global_step, task])
+        gen = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+        order = torch.cat(
+            [
+                torch.randperm(len(y), generator=gen)
+                for _ in range(-(-self.inner_steps * self.inner_batch_size // len(y)))
+            ]
+        )
+        order = order.to(y.device)
+        size = self.inner_batch_size
+        return [
+            (x[order[i * size : (i + 1) * size]], y[order[i * size : (i + 1) * size]])
+            for i in range(self.inner_steps)
+        ]
+
+    def adapt(self, batches) -> tuple[dict, torch.Tensor]:
+        params = dict(self.model.named_parameters())
+        return fit(
+            self.forward_with,
+            params,
+            params,
+            batches,
+            self.inner_optimizer,
+            self.inner_lr,
+            self.adam_beta1,
+        )
+
+    def training_step(self, episodes, batch_idx):
+        acc_pre = self.query_acc_before(episodes)
+        theta = {n: p.detach() for n, p in self.model.named_parameters()}
+        shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
+        losses, accs = [], []
+        for task, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
+            x, y = (
+                (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
+            )
+            phi, loss = self.adapt(self.inner_batches(x, y, task))
+            self.check_finite(loss)
+            for n in shift:
+                shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
+            losses.append(loss)
+            with torch.no_grad():
+                accs.append(accuracy(self.forward_with(phi, qx), qy))
+        surrogate = sum((p * shift[n]).sum() for n, p in self.model.named_parameters())
+        eps = self.optimizers().optimizer.param_groups[0]["lr"]
+        self.outer_step(surrogate)
+        self.log_train(
+            loss=torch.stack(losses).mean(),
+            acc=torch.stack(accs).mean(),
+            acc_pre=acc_pre.mean(),
+            epsilon=eps,
+        )
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate(self, episodes) -> torch.Tensor:
+        accs = []
+        for sx, sy, qx, qy in zip(*episodes, strict=True):
+            phi, _ = self.adapt([(sx, sy)] * self.inner_steps_test)
+            with torch.no_grad():
+                accs.append(accuracy(self.forward_with(phi, qx), qy))
+        return torch.stack(accs)
