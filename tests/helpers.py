@@ -25,3 +25,28 @@ def random_episodes(batch=2, ways=3, shots=2, queries=3, size=16, seed=1) -> Epi
         return torch.arange(ways).repeat_interleave(k).repeat(batch, 1)
 
     return Episodes(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY = [
+    "model.channels=8",
+    "algo.meta_batch_size=2",
+    "data.batches_per_epoch=2",
+    "data.val_episodes=10",
+    "data.test_episodes=10",
+    "data.eval_batch_size=5",
+    "trainer.max_steps=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=none",
+    "print_config=false",
+]
+
+
+def compose_cfg(output_dir, overrides=(), tiny=True):
+    """Compose the real conf/train.yaml as train.py would (plus tiny settings)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*(TINY if tiny else []), f"output_dir={output_dir}",
+                                           *overrides])

@@ -13,19 +13,33 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn import checks
-from metalearn.errors import NonFiniteLossError
+from metalearn.errors import MetalearnError, NonFiniteLossError
 from metalearn.utils import finish_loggers, print_config_tree
 
 log = logging.getLogger(__name__)
 
 
+def build(node, **kwargs):
+    """``instantiate`` that surfaces our own errors (Hydra wraps them) unchanged."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, MetalearnError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build_loggers(cfg: DictConfig) -> list:
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     flat = OmegaConf.to_container(cfg, resolve=True)
     flat.pop("hydra", None)
     for logger in loggers:
@@ -40,35 +54,43 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("print_config", True):
         print_config_tree(cfg)
-    checks.validate_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()  # raises ConfigError/DataError before anything is trained
-    algo = instantiate(cfg.algo, model=instantiate(cfg.model), engine=instantiate(cfg.engine))
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max",
-                                 save_last=True, filename="epoch{epoch:03d}-step{step}",
-                                 auto_insert_metric_name=False)
-    loggers = build_loggers(cfg)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[checkpoint],
-                          default_root_dir=str(out))
-    metrics = {"status": "running"}
+    metrics, loggers = {**run_info(cfg), "status": "running"}, []
     try:
+        checks.validate_config(cfg)
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = build(cfg.data)
+        datamodule.setup()  # raises ConfigError/DataError before anything is trained
+        algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
+        checkpoint, last = checkpoint_callbacks(out / "checkpoints")
+        loggers = build_loggers(cfg)
+        trainer = build(cfg.trainer, logger=loggers or False, callbacks=[checkpoint, last],
+                              default_root_dir=str(out))
         try:
             trainer.fit(algo, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except NonFiniteLossError as err:
-            kept = checkpoint.last_model_path or checkpoint.best_model_path or "none yet"
+            kept = last.best_model_path or checkpoint.best_model_path or "none yet"
             raise NonFiniteLossError(f"{err} Last good checkpoint: {kept}") from err
         if cfg.get("test", True):
             best = checkpoint.best_model_path or None
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = collect_metrics(cfg, trainer, algo, checkpoint, time.time() - start)
     except BaseException as err:
-        metrics = {**run_info(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         raise
     finally:
         write_metrics(out, metrics)
         finish_loggers(loggers)
     return metrics
+
+
+def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """The best checkpoint by ``val/acc`` and ``last.ckpt``, rewritten after every epoch."""
+    best = ModelCheckpoint(dirpath=dirpath, monitor="val/acc", mode="max", save_top_k=1,
+                           filename="best-epoch{epoch:03d}-step{step}",
+                           auto_insert_metric_name=False)
+    last = ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1,
+                           enable_version_counter=False)
+    return best, last
 
 
 def run_info(cfg: DictConfig) -> dict:
@@ -96,6 +118,10 @@ def collect_metrics(cfg, trainer, algo, checkpoint, wall_s: float) -> dict:
 
 
 def write_metrics(out: Path, metrics: dict) -> None:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP: all ranks hold the same (gathered) metrics; rank 0 writes
+        return
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, default=str))
     tmp.replace(out / "metrics.json")
@@ -117,10 +143,11 @@ def main(cfg: DictConfig) -> float | None:
     In a sweep (``-m``) a failing job is recorded in its metrics.json and logged, and the
     sweep goes on with the next job; a single run re-raises, so the exit status is non-zero.
     """
-    from metalearn.errors import MetalearnError
+    from metalearn.pool import sweep_job
 
     try:
-        return run(cfg).get("val/acc_best")
+        with sweep_job(cfg):  # own GPU under hydra/launcher=gpu_pool; no DDP state left after
+            return run(cfg).get("val/acc_best")
     except MetalearnError as err:
         if not in_multirun():
             raise

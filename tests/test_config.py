@@ -1,0 +1,46 @@
+"""Every config-group option composes and runs a fast_dev_run on CPU through run(cfg)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from metalearn.train import run
+from tests.helpers import REPO, compose_cfg
+
+CPU_ONLY = {"trainer": {"gpu", "ddp"}}  # need a GPU; ddp_cpu is tested in test_distributed
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+CASES = [
+    (group, option)
+    for group in ("data", "algo", "model", "engine", "trainer", "logger", "experiment")
+    for option in options(group)
+    if option not in CPU_ONLY.get(group, set())
+]
+
+
+@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_runs_fast_dev_run(group, option, tmp_path, data_root):
+    cfg = compose_cfg(tmp_path, [f"{group}={option}", "+trainer.fast_dev_run=true",
+                                 f"data.root={data_root}"])
+    if group == "experiment":  # presets are long: keep their settings, shrink the run
+        cfg.data.test_episodes = cfg.data.val_episodes = 10
+    metrics = run(cfg)
+    assert metrics["status"] == "ok"
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["algo"] == cfg.algo.name
+
+
+def test_top_level_shots_reach_data_and_model(tmp_path):
+    cfg = compose_cfg(tmp_path, ["shots=5", "ways=10"])
+    assert cfg.data.shots == 5 and cfg.data.ways == 10 and cfg.model.ways == 10
+
+
+def test_every_group_has_options():
+    for group in ("data", "algo", "model", "engine", "trainer", "logger"):
+        assert options(group), group

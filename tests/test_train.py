@@ -1,0 +1,112 @@
+"""run(cfg) end to end: bad input gets a clear error and loses nothing; resume is exact;
+a sweep writes one metrics.json per job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import HydraException
+
+from metalearn.errors import ConfigError, DataError, NonFiniteLossError
+from metalearn.train import run
+from tests.helpers import REPO, compose_cfg
+
+
+def run_with(tmp_path, data_root, *overrides):
+    return run(compose_cfg(tmp_path, [f"data.root={data_root}", *overrides]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ways=2000"], "lower ways"),
+        (["shots=10", "queries=15"], "queries"),
+        (["data.name=imagenet"], "omniglot"),
+        (["ways=1"], "ways >= 2"),
+        (["shots=0"], "positive integer"),
+        (["trainer.inference_mode=true"], "inference_mode=false"),
+    ],
+)
+def test_bad_config_raises_clear_error(tmp_path, data_root, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        run_with(tmp_path, data_root, *overrides)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_unknown_algo_lists_choices(tmp_path):
+    with pytest.raises(HydraException, match="Available options"):
+        compose_cfg(tmp_path, ["algo=mamba"])
+
+
+def test_missing_data_names_file_and_fix(tmp_path):
+    with pytest.raises(DataError, match="omniglot") as err:
+        run_with(tmp_path / "run", tmp_path / "empty", "data.download=false")
+    assert "data.root" in str(err.value) or "METALEARN_DATA_DIR" in str(err.value)
+
+
+def test_corrupt_data_names_the_file(tmp_path):
+    root = tmp_path / "data"
+    (root / "omniglot").mkdir(parents=True)
+    for name in ("images_background_28.npz", "images_evaluation_28.npz"):
+        (root / "omniglot" / name).write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match="images_background_28.npz"):
+        run_with(tmp_path / "run", root, "data.download=false")
+
+
+def params_of(ckpt):
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {k: v for k, v in state.items()}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
+    run_with(tmp_path, data_root)  # one good epoch: checkpoints/last.ckpt
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(NonFiniteLossError, match="last.ckpt"):
+        run_with(tmp_path, data_root, f"ckpt_path={last}", "trainer.max_steps=4",
+                 "algo.inner_lr=1e30")
+    assert last.read_bytes() == before
+
+
+def test_resume_is_exact(tmp_path, data_root):
+    common = ["data.batches_per_epoch=3", "test=false"]
+    run_with(tmp_path / "straight", data_root, *common, "trainer.max_steps=6")
+    run_with(tmp_path / "resumed", data_root, *common, "trainer.max_steps=3")
+    first = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    run_with(tmp_path / "resumed", data_root, *common, "trainer.max_steps=6", f"ckpt_path={first}")
+    a = params_of(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = params_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    hist = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["curve"]
+    assert [h["epoch"] for h in hist] == [0, 1]
+
+
+def test_metrics_json_has_contract_keys(tmp_path, data_root):
+    metrics = run_with(tmp_path, data_root)
+    for key in ("test/acc", "test/acc_ci95", "val/acc_best", "algo", "dataset", "ways",
+                "shots", "queries", "seed", "steps", "wall_s"):
+        assert key in metrics, key
+    assert metrics["steps"] == 2 and np.isfinite(metrics["test/acc"])
+    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+def test_cli_multirun_writes_one_metrics_per_job(tmp_path, data_root):
+    from tests.helpers import TINY
+
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", "-m", "algo=maml,fomaml", *TINY,
+           f"hydra.sweep.dir={tmp_path}", "print_config=true"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(found) == 2
+    assert {json.loads(p.read_text())["algo"] for p in found} == {"maml", "fomaml"}
+    assert "inner_lr" in proc.stdout  # the config tree was printed
