@@ -110,3 +110,10 @@ def test_cli_multirun_writes_one_metrics_per_job(tmp_path, data_root):
     assert len(found) == 2
     assert {json.loads(p.read_text())["algo"] for p in found} == {"maml", "fomaml"}
     assert "inner_lr" in proc.stdout  # the config tree was printed
+
+
+def test_help_lists_groups_and_examples():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "algo: " in proc.stdout and "maml" in proc.stdout and "python train.py -m" in proc.stdout
