@@ -9,6 +9,8 @@ Examples:
 import hydra
 from omegaconf import DictConfig
 
+import metalearn.pool  # noqa: F401  registers ${gpu_pool_size:} for hydra/launcher=gpu_pool
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

@@ -118,9 +118,17 @@ class EpisodicModule(L.LightningModule):
 
     def _gathered_accs(self) -> torch.Tensor:
         accs = torch.cat(self._eval_accs) if self._eval_accs else torch.zeros(0)
+        accs = accs.to(self.device)
         self._eval_accs = []
         if self.trainer.world_size > 1:
-            accs = self.all_gather(accs).flatten()  # ranks hold disjoint, equal-sized shares
+            # DDP: ranks hold disjoint shares of the episodes, whose sizes may differ by one
+            # (N episodes split with array_split). all_gather needs equal shapes: pad each
+            # share to the largest, gather, keep each rank's real entries -> exactly N.
+            counts = self.all_gather(torch.tensor(accs.numel(), device=self.device)).flatten()
+            padded = accs.new_zeros(int(counts.max()))
+            padded[: accs.numel()] = accs
+            gathered = self.all_gather(padded).reshape(len(counts), -1)
+            accs = torch.cat([row[: int(n)] for row, n in zip(gathered, counts, strict=True)])
         return accs
 
     def on_validation_epoch_end(self) -> None:

@@ -8,7 +8,9 @@ num_workers and an exactly resumed run sees the same batches.
 Val/test: `val_episodes` / `test_episodes` fixed episodes seeded by (eval_seed, split, episode)
 only, so every run and algorithm is scored on the same episodes; episode e is the same whatever
 the total count. With DDP each rank gets a contiguous share (the shares partition all episodes).
-Let the datamodule shard: run the Trainer with use_distributed_sampler=False.
+Let the datamodule shard: run the Trainer with use_distributed_sampler=False. Under DDP the
+rank and world size come from the attached Trainer, and `meta_batch_size` is the global
+meta-batch: each rank draws meta_batch_size // world_size tasks (see metalearn.distributed).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from metalearn.data.sources import SOURCES, load_splits
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.sources.quickdraw import BITMAP_URL
 from metalearn.data.splits import Splits, check_disjoint
+from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 
 EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
@@ -241,16 +244,25 @@ class EpisodeDataModule(L.LightningDataModule):
         return {split: c.num_classes for split, c in self.splits.items()}
 
     # ----- loaders -----
+    def shard(self) -> tuple[int, int]:
+        """(rank, world_size): the attached Trainer's under DDP, else the constructor's."""
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.global_rank, trainer.world_size
+        return self.rank, self.world_size
+
     def train_dataset(self) -> TrainMetaBatches:
+        # meta_batch_size is global: each rank samples its share, seeded by (seed, rank, ...)
+        rank, world_size = self.shard()
         return TrainMetaBatches(
             self.splits.train,
             self.batches_per_epoch,
-            self.meta_batch_size,
+            split_meta_batch(self.meta_batch_size, world_size),
             self.ways,
             self.shots,
             self.queries,
             self.seed,
-            self.rank,
+            rank,
         )
 
     def eval_dataset(self, split: str) -> FixedEpisodes:
@@ -264,7 +276,8 @@ class EpisodeDataModule(L.LightningDataModule):
             self.eval_seed,
             split,
         )
-        share = np.array_split(np.arange(episodes), self.world_size)[self.rank]
+        rank, world_size = self.shard()
+        share = np.array_split(np.arange(episodes), world_size)[rank]
         indices = EpisodeIndices(*(a[share] for a in indices))
         return FixedEpisodes(getattr(self.splits, split), indices, self.shots, self.eval_batch_size)
 

@@ -1,0 +1,239 @@
+"""DDP gradient parity: two gloo processes with B tasks each == one process with all 2B tasks.
+
+The DDP side is the real command line, ``python train.py -m algo=... trainer=ddp_cpu
+trainer.devices=2`` (Lightning starts rank 1 by re-running the script; under ``-m`` that goes
+through ``metalearn.distributed``'s relaunch of the job's own overrides). The reference runs
+the same config in this process on one device, with a datamodule that puts rank 0's and
+rank 1's tasks into one meta-batch of 2B. Parameters after a few outer steps must agree to
+float32 round-off (outer SGD), and validation/test accuracies (episodes split unevenly across
+ranks, then gathered) must equal the single-process ones over the same episodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from metalearn.data.datamodule import EpisodeDataModule, TrainMetaBatches
+from metalearn.data.episodes import Episodes
+from metalearn.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_REPTILE = (REPO / "conf" / "algo" / "reptile.yaml").exists()
+ALGOS = ["maml", "fomaml"] + (["reptile"] if HAS_REPTILE else [])
+# Reptile: the whole task per inner step (its minibatches are seeded by the rank-local task
+# index, which differs between the ranks and the union run) and inner SGD (inner Adam, like
+# outer Adam below, blows float32 round-off in ~zero gradients up to lr-sized steps)
+EXTRA = {
+    "reptile": [
+        "algo.inner_batch_size=null",
+        "algo.inner_optimizer=sgd",
+        "algo.inner_lr=0.1",
+        "algo.inner_steps_test=5",
+    ]
+}
+TINY = [
+    "model.channels=8",
+    "algo.meta_batch_size=4",  # global: 2 tasks per rank
+    "queries=5",
+    "data.batches_per_epoch=2",
+    "trainer.max_steps=4",  # two epochs, validation after each
+    "data.val_episodes=5",  # odd: shares of 3 and 2 episodes (2 and 1 batches)
+    "data.test_episodes=5",
+    "data.eval_batch_size=2",
+    "logger=none",
+    "print_config=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    # plain SGD: Adam divides by sqrt(v), which turns float32 round-off in near-zero
+    # meta-gradients (conv biases under BatchNorm) into lr-sized steps and hides the parity
+    "algo.optimizer._target_=torch.optim.SGD",
+    "algo.optimizer.lr=0.1",
+]
+
+
+class _ConcatTasks(Dataset):
+    """Item i = the tasks of item i of every part, concatenated (rank 0's first)."""
+
+    def __init__(self, parts: list[TrainMetaBatches]):
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def __getitem__(self, index: int) -> Episodes:
+        items = [part[index] for part in self.parts]
+        return Episodes(*(torch.cat(xs) for xs in zip(*items, strict=True)))
+
+
+class UnionOfShards(EpisodeDataModule):
+    """One process that trains on the union of the tasks `shards` DDP ranks would draw."""
+
+    def __init__(self, shards: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.shards = shards
+
+    def train_dataset(self) -> Dataset:
+        per_rank = self.meta_batch_size // self.shards
+        return _ConcatTasks(
+            [
+                TrainMetaBatches(
+                    self.splits.train,
+                    self.batches_per_epoch,
+                    per_rank,
+                    self.ways,
+                    self.shots,
+                    self.queries,
+                    self.seed,
+                    rank,
+                )
+                for rank in range(self.shards)
+            ]
+        )
+
+
+def compose(output_dir: Path, overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=[*TINY, f"output_dir={output_dir}", *overrides])
+
+
+def parameters(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    return {
+        k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k
+    }
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def ddp_command(*overrides: str, multirun: bool = False) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        *(["-m"] if multirun else []),
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        *TINY,
+        *overrides,
+    ]
+
+
+def run_ok(cmd: list[str], data_root: Path) -> None:
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, data_root) -> dict[str, Path]:
+    """Every algorithm on 2 gloo processes: {algo: run dir}.
+
+    MAML and FOMAML as one ``-m`` sweep (rank 1 relaunched per job by metalearn.distributed),
+    Reptile as a single run (Lightning's own relaunch), so both command paths are covered.
+    """
+    sweep = tmp_path_factory.mktemp("ddp")
+    # subdir: the default ${hydra.job.override_dirname} of this many overrides is too long
+    run_ok(
+        ddp_command(
+            "algo=maml,fomaml",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.sweep.subdir=${hydra.job.num}",
+            multirun=True,
+        ),
+        data_root,
+    )
+    if HAS_REPTILE:
+        run_ok(
+            ddp_command("algo=reptile", *EXTRA["reptile"], f"hydra.run.dir={sweep / 'reptile'}"),
+            data_root,
+        )
+    runs = {}
+    for metrics_file in sweep.glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        assert metrics["status"] == "ok", metrics.get("error")
+        runs[metrics["algo"]] = metrics_file.parent
+    assert sorted(runs) == sorted(ALGOS)
+    # rank 1 ran in the job's directory as a single run (no nested sweep)
+    for run_dir in runs.values():
+        assert (run_dir / "train_ddp_process_1.log").exists()
+    assert not list(sweep.glob("*/*/metrics.json"))
+    return runs
+
+
+def reference(
+    tmp_path: Path, algo: str, shards: int = 2, meta_batch: int = 4, extra: tuple = ()
+) -> Path:
+    from metalearn.train import run
+
+    target = f"{UnionOfShards.__module__}.{UnionOfShards.__qualname__}"
+    cfg = compose(
+        tmp_path,
+        [
+            f"algo={algo}",
+            *EXTRA.get(algo, []),
+            f"data._target_={target}",
+            f"+data.shards={shards}",
+            f"algo.meta_batch_size={meta_batch}",
+            *extra,
+        ],
+    )
+    assert run(cfg)["status"] == "ok"
+    return tmp_path
+
+
+NO_REPTILE = pytest.mark.skipif(not HAS_REPTILE, reason="conf/algo/reptile.yaml is not there yet")
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", pytest.param("reptile", marks=NO_REPTILE)])
+def test_two_processes_equal_one_with_the_union_of_tasks(algo, ddp_runs, tmp_path):
+    job = ddp_runs[algo]
+    ref = reference(tmp_path, algo)
+    ddp_params = parameters(job / "checkpoints" / "last.ckpt")
+    ref_params = parameters(ref / "checkpoints" / "last.ckpt")
+    assert max_diff(ddp_params, ref_params) < 1e-5
+
+    ddp, one = (json.loads((d / "metrics.json").read_text()) for d in (job, ref))
+    assert ddp["steps"] == one["steps"] == 4
+    # evaluation: 3 + 2 episodes on two ranks, gathered == all 5 in one process
+    assert [c["val/acc"] for c in ddp["curve"]] == pytest.approx(
+        [c["val/acc"] for c in one["curve"]], abs=1e-6
+    )
+    assert ddp["test/acc"] == pytest.approx(one["test/acc"], abs=1e-6)
+    assert ddp["test/acc_ci95"] == pytest.approx(one["test/acc_ci95"], abs=1e-6)
+
+
+def test_without_the_other_ranks_tasks_parameters_differ(ddp_runs, tmp_path):
+    """The parity above has power: rank 0's tasks alone (no gradient sync) give other weights."""
+    alone = reference(tmp_path, "maml", shards=1, meta_batch=2, extra=["test=false"])
+    diff = max_diff(
+        parameters(ddp_runs["maml"] / "checkpoints" / "last.ckpt"),
+        parameters(alone / "checkpoints" / "last.ckpt"),
+    )
+    assert diff > 1e-4
+
+
+def test_meta_batch_must_divide_over_ranks(tmp_path):
+    from metalearn.distributed import split_meta_batch
+
+    assert split_meta_batch(32, 4) == 8
+    with pytest.raises(ConfigError, match="algo.meta_batch_size=6"):
+        split_meta_batch(6, 4)
+    cfg = compose(tmp_path, ["trainer=ddp_cpu", "trainer.devices=4", "algo.meta_batch_size=6"])
+    from hydra.utils import instantiate
+
+    with pytest.raises(Exception, match="divide evenly") as err:
+        instantiate(cfg.trainer)
+    assert isinstance(err.value, ConfigError) or isinstance(err.value.__cause__, ConfigError)
