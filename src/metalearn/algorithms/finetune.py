@@ -63,7 +63,8 @@ class FineTune(EpisodicModule):
             self.build_classifier(self.trainer.datamodule.splits.train.num_classes)
 
     def build_classifier(self, num_classes: int) -> None:
-        self.classifier = nn.Linear(self.model.head.in_features, num_classes).to(self.device)
+        self.classifier = nn.Linear(self.model.head.in_features, num_classes)
+        self.classifier.to(self.device, self.model.head.weight.dtype)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -81,7 +82,8 @@ class FineTune(EpisodicModule):
         classes = rng.integers(images.shape[0], size=self.batch_size)
         picks = rng.integers(images.shape[1], size=self.batch_size)
         x = torch.from_numpy(images[classes, picks]).float().div_(255.0).unsqueeze(1)
-        return x.to(self.device), torch.from_numpy(classes).to(self.device)
+        x = x.to(self.device, self.model.head.weight.dtype)
+        return x, torch.from_numpy(classes).to(self.device)
 
     def training_step(self, episodes, batch_idx):
         x, y = self.supervised_batch(self.trainer.datamodule.splits.train.images)

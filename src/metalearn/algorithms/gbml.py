@@ -115,8 +115,10 @@ class GBML(EpisodicModule):
         self.rates = nn.ParameterDict(self._init_rates())
         if inner_rates == "hypergradient":  # outer rate beta and the last meta-gradient
             n_params = sum(p.numel() for p in self.model.parameters())
-            self.register_buffer("beta", torch.tensor(-1.0))  # < 0: take the optimizer's lr
-            self.register_buffer("prev_grad", torch.zeros(n_params))
+            dtype = next(self.model.parameters()).dtype
+            # beta < 0: not set yet, take the optimizer's lr at the first step
+            self.register_buffer("beta", torch.tensor(-1.0, dtype=dtype))
+            self.register_buffer("prev_grad", torch.zeros(n_params, dtype=dtype))
 
     # ---- construction ------------------------------------------------------------------
     def model_options(self) -> dict:

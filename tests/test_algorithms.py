@@ -1,0 +1,602 @@
+"""Each variant's defining mechanism, checked directly on a tiny float64 Conv4 and random
+episodes (see tests/helpers.py); the last tests run every variant end to end on real data."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.func import functional_call
+from torch.utils.data import DataLoader
+
+from metalearn.algorithms.finetune import FineTune
+from metalearn.algorithms.gbml import GBML, msl_weights
+from metalearn.algorithms.protonet import ProtoNet
+from metalearn.algorithms.reptile import Reptile
+from metalearn.data.episodes import Episodes
+from metalearn.engines.base import InnerLoop
+from metalearn.engines.func import FuncEngine
+from metalearn.engines.higher import HigherEngine
+from metalearn.errors import ConfigError
+from metalearn.models.conv4 import StepNorm
+from metalearn.train import run
+from tests.helpers import random_episodes, tiny_net
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINES = {"higher": HigherEngine(), "func": FuncEngine()}
+VARIANTS = [
+    "maml",
+    "fomaml",
+    "reptile",
+    "metasgd",
+    "alpha_maml",
+    "maml_pp",
+    "anil",
+    "protonet",
+    "finetune",
+]
+
+
+def gbml(engine="higher", lr=0.01, optimizer=torch.optim.Adam, **kw) -> GBML:
+    """A GBML on a tiny net; the net is built by the module (so bn_per_step reaches it)."""
+    kw.setdefault("inner_lr", 0.3)
+    kw.setdefault("meta_batch_size", 2)
+    return GBML(partial(tiny_net), ENGINES[engine], partial(optimizer, lr=lr), **kw)
+
+
+def fit(module, episodes, steps=1, max_steps=None) -> L.Trainer:
+    """``steps`` outer steps of ``module`` through a real Trainer, on the same episodes."""
+    trainer = L.Trainer(
+        max_steps=max_steps or steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([episodes] * steps, batch_size=None))
+    return trainer
+
+
+def at_epoch(module, epoch=0, max_steps=10):
+    module.trainer = SimpleNamespace(current_epoch=epoch, max_steps=max_steps)
+    return module
+
+
+def meta_grads(module, episodes, loop=None) -> dict:
+    module.zero_grad()
+    module.engine(module.model, loop or module.train_loop(), episodes).objective.backward()
+    return {
+        n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for n, p in module.named_parameters()
+    }
+
+
+def params(module) -> dict:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+# ---- MAML++ multi-step loss ------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_msl_weights_sum_to_one_start_uniform_end_on_last_step(steps):
+    msl_epochs = 10
+    for epoch in range(msl_epochs + 5):
+        w = msl_weights(steps, epoch, msl_epochs)
+        assert w.sum() == pytest.approx(1.0, abs=1e-12) and (w > 0).sum() >= 1
+    np.testing.assert_allclose(msl_weights(steps, 0, msl_epochs), np.full(steps, 1 / steps))
+    for epoch in (msl_epochs, msl_epochs + 1, 100):
+        np.testing.assert_array_equal(msl_weights(steps, epoch, msl_epochs), np.eye(steps)[-1])
+    finals = [msl_weights(steps, e, msl_epochs)[-1] for e in range(msl_epochs + 1)]
+    assert finals == sorted(finals)  # the last step's weight only grows
+
+
+def test_msl_weights_reach_the_train_loop():
+    module = gbml(msl=True, msl_epochs=4, inner_steps=3)
+    for epoch in range(6):
+        loop = at_epoch(module, epoch).train_loop()
+        np.testing.assert_allclose(loop.weights(), msl_weights(3, epoch, 4))
+    assert gbml(inner_steps=3).train_loop().step_weights is None  # msl off: last step only
+
+
+# ---- learned inner rates: Meta-SGD and LSLR -----------------------------------------------------
+@pytest.mark.parametrize("rates", ["metasgd", "lslr"])
+def test_learned_rates_get_meta_gradients_and_change(rates):
+    module, eps = gbml(inner_rates=rates, inner_steps=2), random_episodes()
+    shapes = dict(module.model.named_parameters())
+    for name, rate in module.rates.items():
+        want = shapes[name.replace("__", ".")].shape if rates == "metasgd" else (2,)
+        assert rate.shape == want and torch.all(rate == 0.3)
+    grads = meta_grads(module, eps)
+    for name in module.rates:
+        g = grads[f"rates.{name}"]
+        if name.endswith("conv__bias"):  # BatchNorm cancels a conv bias: no gradient
+            assert g.abs().max() < 1e-20
+        elif rates == "lslr":
+            assert torch.all(g.abs() > 1e-8), name  # every step's rate gets a meta-gradient
+        else:
+            assert g.abs().sum() > 1e-8, name
+    before = params(module)
+    fit(module, eps)
+    for name, rate in module.rates.items():
+        moved = (rate - before[f"rates.{name}"]).abs().max().item()
+        assert moved < 1e-12 if name.endswith("conv__bias") else moved > 1e-5, name
+
+
+def test_learned_rates_refuse_first_order_and_conflicts():
+    with pytest.raises(ConfigError, match="first_order"):
+        gbml(inner_rates="metasgd", first_order=True)
+    with pytest.raises(ConfigError, match="lslr"):
+        gbml(inner_rates="metasgd", lslr=True)
+    assert gbml(lslr=True).inner_rates == "lslr"
+
+
+# ---- MAML++ per-step BatchNorm ------------------------------------------------------------------
+def test_step_norm_uses_step_t_scale_shift_and_running_stats():
+    torch.manual_seed(0)
+    norm = StepNorm(3, steps=3, mode="inductive").double()
+    with torch.no_grad():
+        for buf in (norm.scale, norm.shift, norm.running_mean):
+            buf.copy_(torch.randn_like(buf))
+        norm.running_var.copy_(torch.rand_like(norm.running_var) + 0.5)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    norm.eval()
+    for t in range(3):
+        mean, var = norm.running_mean[t].view(1, -1, 1, 1), norm.running_var[t].view(1, -1, 1, 1)
+        want = (x - mean) / torch.sqrt(var + norm.eps) * norm.scale[t].view(
+            1, -1, 1, 1
+        ) + norm.shift[t].view(1, -1, 1, 1)
+        torch.testing.assert_close(norm(x, step=t), want)
+    norm.train()
+    stats = norm.running_mean.clone()
+    out = norm(x, step=1)  # training: batch statistics, step 1's affine, step 1's stats updated
+    batch = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+        x.var((0, 2, 3), unbiased=False, keepdim=True) + norm.eps
+    )
+    torch.testing.assert_close(
+        out, batch * norm.scale[1].view(1, -1, 1, 1) + norm.shift[1].view(1, -1, 1, 1)
+    )
+    torch.testing.assert_close(norm.running_mean[1], 0.9 * stats[1] + 0.1 * x.mean((0, 2, 3)))
+    torch.testing.assert_close(norm.running_mean[[0, 2]], stats[[0, 2]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_per_step_bn_inner_loop_uses_step_t_at_step_t(engine, monkeypatch):
+    module = gbml(engine, bn_per_step=True, msl=True, inner_steps=3)
+    assert module.model.blocks[0].norm.scale.shape == (3, 4)  # built with bn_steps=inner_steps
+    used, forward = [], StepNorm.forward
+
+    def recording(norm, x, step=0):
+        if norm.scale.shape[1] == 4 and x.shape[-1] == 16:  # the first block only
+            used.append(step)
+        return forward(norm, x, step)
+
+    monkeypatch.setattr(StepNorm, "forward", recording)  # higher patches a subclass
+    grads = meta_grads(at_epoch(module, 0), random_episodes(batch=1))
+    assert used == [0, 0, 1, 1, 2, 2]  # (support, query) after each inner step t
+    scale_grad = grads["model.blocks.0.norm.scale"]
+    assert torch.all(scale_grad.abs().sum(1) > 0)  # every step's scale shapes the objective
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param(
+            "higher",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="higher's innerloop_ctx updates copies of the buffers (buffer_sync), so "
+                "running statistics never reach the model with engine=higher",
+            ),
+        ),
+        "func",
+    ],
+)
+def test_per_step_bn_running_statistics_per_step(engine):
+    module = GBML(
+        partial(tiny_net, bn_mode="inductive"),
+        ENGINES[engine],
+        partial(torch.optim.Adam, lr=0.01),
+        inner_steps=2,
+        inner_lr=0.3,
+        meta_batch_size=1,
+        bn_per_step=True,
+    )
+    norm = module.model.blocks[0].norm
+    stats = norm.running_mean.clone()
+    eps = random_episodes(batch=1)
+    loop = InnerLoop(1, module.inner_rate, module.adapted, first_order=True)
+    module.engine(module.model, loop, eps)  # one step: support and query at step 0 only
+    assert not torch.equal(norm.running_mean[0], stats[0])
+    torch.testing.assert_close(norm.running_mean[1], stats[1], rtol=0, atol=0)
+    module.engine(module.model, module.train_loop(), eps)  # two steps: step 1's stats move
+    assert not torch.equal(norm.running_mean[1], stats[1])
+
+
+# ---- MAML++ derivative-order annealing-----------------------------------------------------------
+def reference_grads(net, episodes, steps, lr, first_order) -> list[torch.Tensor]:
+    """Independent MAML meta-gradient (functional_call + autograd.grad)."""
+    theta = dict(net.named_parameters())
+    total = 0.0
+    for sx, sy, qx, qy in zip(*episodes, strict=True):
+        fast = dict(theta)
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
+            gs = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), gs, strict=True)}
+        total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
+    return list(torch.autograd.grad(total / len(episodes.support_x), list(theta.values())))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_derivative_order_annealing(engine):
+    module, eps = gbml(engine, da=True, da_epochs=2, inner_steps=2), random_episodes()
+    assert [module.first_order_now(e) for e in range(4)] == [True, True, False, False]
+    first = reference_grads(module.model, eps, 2, 0.3, first_order=True)
+    second = reference_grads(module.model, eps, 2, 0.3, first_order=False)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(first, second, strict=True))
+    for epoch, want in ((0, first), (1, first), (2, second), (5, second)):
+        got = meta_grads(at_epoch(module, epoch), eps)
+        for g, w in zip(
+            [got[f"model.{n}"] for n, _ in module.model.named_parameters()], want, strict=True
+        ):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    assert gbml(first_order=True, da=True).first_order_now(99)  # FOMAML stays first order
+
+
+# ---- MAML++ cosine annealing of the outer learning rate------------------------------------------
+def test_cosine_schedule_start_middle_end():
+    module = at_epoch(gbml(lr=1e-2, cosine=True, min_lr=1e-4), max_steps=10)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-2)
+    assert lrs[5] == pytest.approx((1e-2 + 1e-4) / 2)
+    assert lrs[10] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert not isinstance(at_epoch(gbml()).configure_optimizers(), dict)  # cosine off
+
+
+# ---- ANIL----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_anil_leaves_the_body_unchanged_in_the_inner_loop(engine):
+    module, eps = gbml(engine, adapt="head", inner_steps=2), random_episodes()
+    assert module.adapted == ["head.weight", "head.bias"]
+    net = module.model
+    theta = dict(net.named_parameters())
+    total = 0.0  # reference: the body's features at theta, only the head adapted
+    for sx, sy, qx, qy in zip(*eps, strict=True):
+        w, b = theta["head.weight"], theta["head.bias"]
+        fs, fq = net.features(sx), net.features(qx)
+        for _ in range(2):
+            gw, gb = torch.autograd.grad(
+                F.cross_entropy(F.linear(fs, w, b), sy), (w, b), create_graph=True
+            )
+            w, b = w - 0.3 * gw, b - 0.3 * gb
+        total = total + F.cross_entropy(F.linear(fq, w, b), qy)
+    want_objective = total / 2
+    want = torch.autograd.grad(want_objective, list(theta.values()))
+    out = module.engine(net, module.train_loop(), eps)
+    torch.testing.assert_close(out.objective, want_objective, rtol=1e-10, atol=1e-12)
+    got = meta_grads(module, eps)
+    for (n, _), w in zip(net.named_parameters(), want, strict=True):
+        torch.testing.assert_close(got[f"model.{n}"], w, rtol=1e-9, atol=1e-12)
+    assert got["model.blocks.0.conv.weight"].abs().sum() > 0  # the outer loop learns the body
+
+
+# ---- inner optimizers----------------------------------------------------------------------------
+@pytest.mark.parametrize("inner", ["momentum", "adam"])
+def test_inner_optimizers_with_higher(inner):
+    eps = random_episodes()
+    sgd = gbml(inner_steps=2, inner_lr=0.01)
+    other = gbml(inner_steps=2, inner_lr=0.01, inner_optimizer=inner)
+    other.load_state_dict(sgd.state_dict())
+    a = sgd.engine(sgd.model, sgd.train_loop(), eps).loss
+    b = other.engine(other.model, other.train_loop(), eps).loss
+    assert torch.isfinite(b).all() and not torch.allclose(a, b)
+    grads = meta_grads(other, eps)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    lslr = gbml(inner_steps=2, inner_lr=0.01, inner_optimizer=inner, lslr=True)
+    assert meta_grads(lslr, eps)["rates.head__weight"].abs().sum() > 0
+    with pytest.raises(ConfigError, match="higher"):
+        module = gbml("func", inner_optimizer=inner)
+        module.engine(module.model, module.train_loop(), eps)
+
+
+# ---- Alpha-MAML----------------------------------------------------------------------------------
+def same_query(episodes: Episodes) -> Episodes:
+    """Query = support: a larger step helps while alpha is small, hurts once it overshoots."""
+    return Episodes(episodes.support_x, episodes.support_y, episodes.support_x, episodes.support_y)
+
+
+def query_loss(module, episodes, alpha: float) -> float:
+    loop = InnerLoop(1, lambda n, t: alpha, module.adapted, first_order=True)
+    return module.engine(module.model, loop, episodes).loss.mean().item()
+
+
+@pytest.mark.parametrize(("alpha0", "direction"), [(0.01, +1), (1.0, -1)])
+def test_alpha_moves_to_lower_the_query_loss(alpha0, direction):
+    eps = same_query(random_episodes())
+    module = gbml(
+        inner_rates="hypergradient",
+        inner_lr=alpha0,
+        alpha_lr=0.05,
+        beta_lr=0.0,
+        optimizer=torch.optim.SGD,
+        lr=0.0,
+    )
+    h = 1e-5
+    slope = (query_loss(module, eps, alpha0 + h) - query_loss(module, eps, alpha0 - h)) / (2 * h)
+    assert np.sign(slope) == -direction  # the constructed problem: the right direction is known
+    trainer = fit(module, eps)
+    alpha1 = module.rates["alpha"].item()
+    assert np.sign(alpha1 - alpha0) == direction
+    assert alpha1 - alpha0 == pytest.approx(-0.05 * slope, rel=1e-4)  # exact hypergradient step
+    assert query_loss(module, eps, alpha1) < query_loss(module, eps, alpha0)  # theta unchanged
+    assert {"train/alpha", "train/beta"} <= set(trainer.callback_metrics)
+
+
+class RecordingGBML(GBML):
+    """Records the meta-gradient and the parameters before every outer step."""
+
+    def before_outer_step(self) -> None:
+        self.seen = getattr(self, "seen", [])
+        grad = torch.cat([p.grad.flatten() for p in self.model.parameters()])
+        self.seen.append((grad, torch.cat([p.detach().flatten() for p in self.model.parameters()])))
+        super().before_outer_step()
+
+
+def test_beta_hypergradient_and_sgd_at_rate_beta():
+    eps = random_episodes()
+    module = RecordingGBML(
+        partial(tiny_net),
+        HigherEngine(),
+        partial(torch.optim.SGD, lr=0.05),
+        inner_rates="hypergradient",
+        inner_lr=0.3,
+        meta_batch_size=2,
+        alpha_lr=0.0,
+        beta_lr=0.01,
+    )
+    fit(module, eps, steps=3)
+    (g1, t1), (g2, t2), (g3, t3) = module.seen
+    beta2 = 0.05 + 0.01 * torch.dot(g2, g1).item()  # no previous gradient at the first step
+    beta3 = beta2 + 0.01 * torch.dot(g3, g2).item()
+    assert module.beta.item() == pytest.approx(beta3, rel=1e-10)
+    torch.testing.assert_close(t2, t1 - 0.05 * g1)  # plain SGD at rate beta
+    torch.testing.assert_close(t3, t2 - beta2 * g2)
+
+
+def test_alpha_maml_refuses_non_sgd_outer_optimizer_and_cosine():
+    with pytest.raises(ConfigError, match="SGD"):
+        fit(gbml(inner_rates="hypergradient"), random_episodes())
+    with pytest.raises(ConfigError, match="cosine"):
+        gbml(inner_rates="hypergradient", cosine=True)
+
+
+# ---- Reptile-------------------------------------------------------------------------------------
+def reptile(**kw) -> Reptile:
+    kw = {
+        "inner_lr": 0.1,
+        "inner_steps": 3,
+        "inner_optimizer": "sgd",
+        "inner_batch_size": None,
+        "meta_batch_size": 2,
+        **kw,
+    }
+    eps0 = kw.pop("eps0", 0.5)
+    return Reptile(tiny_net(), partial(torch.optim.SGD, lr=eps0), **kw)
+
+
+def reference_phi(net, x, y, steps, inner) -> dict:
+    net = copy.deepcopy(net)
+    opt = (
+        torch.optim.SGD(net.parameters(), lr=0.1)
+        if inner == "sgd"
+        else torch.optim.Adam(net.parameters(), lr=0.1, betas=(0.0, 0.999))
+    )
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return params(net)
+
+
+@pytest.mark.parametrize(("inner", "task_data"), [("sgd", "all"), ("adam", "support")])
+def test_reptile_outer_step_is_theta_plus_eps_mean_shift(inner, task_data):
+    module, eps = reptile(inner_optimizer=inner, task_data=task_data), random_episodes()
+    theta = params(module.model)
+    phis = []
+    for sx, sy, qx, qy in zip(*eps, strict=True):
+        x, y = (torch.cat([sx, qx]), torch.cat([sy, qy])) if task_data == "all" else (sx, sy)
+        phis.append(reference_phi(module.model, x, y, 3, inner))
+    fit(module, eps, max_steps=1)
+    for n, p in module.model.named_parameters():
+        phi_mean = sum(phi[n] for phi in phis) / len(phis)
+        torch.testing.assert_close(
+            p.detach(), theta[n] + 0.5 * (phi_mean - theta[n]), rtol=1e-12, atol=1e-14
+        )
+
+
+def test_reptile_epsilon_anneals_linearly_to_zero():
+    module = at_epoch(reptile(eps0=1.0), max_steps=4)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_reptile_inner_minibatches_cycle_through_the_task():
+    module = reptile(inner_batch_size=4, inner_steps=5)
+    x, y = torch.arange(10.0), torch.arange(10)
+    batches = module.inner_batches(x, y, task=0)
+    assert [len(b[1]) for b in batches] == [4] * 5
+    seen = torch.cat([b[1] for b in batches])
+    assert sorted(seen[:10].tolist()) == list(range(10))  # one full pass before repeating
+    assert all(
+        torch.equal(a[1], b[1])
+        for a, b in zip(batches, module.inner_batches(x, y, task=0), strict=True)
+    )  # seeded
+
+
+def test_reptile_evaluation_fine_tunes_on_support_and_keeps_theta():
+    module, eps = reptile(inner_steps_test=5), random_episodes()
+    theta = params(module.model)
+    phi = reference_phi(module.model, eps.support_x[0], eps.support_y[0], 5, "sgd")
+    want = (
+        (functional_call(module.model, phi, (eps.query_x[0],)).argmax(-1) == eps.query_y[0])
+        .double()
+        .mean()
+    )
+    assert module.evaluate(eps)[0].item() == pytest.approx(want.item(), abs=1e-6)
+    for n, p in module.model.named_parameters():
+        assert torch.equal(p, theta[n])
+
+
+# ---- ProtoNet------------------------------------------------------------------------------------
+def test_protonet_logits_are_negative_squared_distances_to_prototypes():
+    module, eps = ProtoNet(tiny_net(), partial(torch.optim.Adam, lr=1e-3)), random_episodes()
+    sx, sy, qx = eps.support_x[0], eps.support_y[0], eps.query_x[0]
+    emb = module.model.features(torch.cat([sx, qx]))
+    support, query = emb[: len(sx)], emb[len(sx) :]
+    logits = module.episode_logits(sx, sy, qx)
+    assert logits.shape == (len(qx), 3)
+    for k in range(3):
+        proto = support[sy == k].mean(0)
+        for i in range(len(qx)):
+            want = -((query[i] - proto) ** 2).sum()
+            torch.testing.assert_close(logits[i, k], want, rtol=1e-12, atol=1e-12)
+
+
+def test_protonet_trains_the_body_only():
+    module, eps = ProtoNet(tiny_net(), partial(torch.optim.Adam, lr=1e-2)), random_episodes()
+    before = params(module.model)
+    fit(module, eps, steps=2)
+    after = params(module.model)
+    assert torch.equal(before["head.weight"], after["head.weight"])
+    assert not torch.equal(before["blocks.0.conv.weight"], after["blocks.0.conv.weight"])
+
+
+# ---- fine-tuning baseline------------------------------------------------------------------------
+class FakeData(L.LightningDataModule):
+    """Class c, image i is the constant (10c + i) / 255; episodes for the loader's steps."""
+
+    def __init__(self, classes=7, per_class=4):
+        super().__init__()
+        images = (np.arange(classes)[:, None] * 10 + np.arange(per_class)[None, :]).astype(np.uint8)
+        images = np.broadcast_to(images[..., None, None], (classes, per_class, 16, 16)).copy()
+        self.splits = SimpleNamespace(train=SimpleNamespace(images=images, num_classes=classes))
+
+    def train_dataloader(self):
+        return DataLoader([random_episodes(batch=1)] * 2, batch_size=None)
+
+
+def finetune(**kw) -> FineTune:
+    return FineTune(
+        tiny_net(), partial(torch.optim.Adam, lr=1e-2), batch_size=16, inner_steps_test=5, **kw
+    )
+
+
+def test_finetune_pretrains_on_global_class_labels():
+    module, data = finetune(), FakeData()
+    x, y = module.supervised_batch(data.splits.train.images)
+    assert x.shape == (16, 1, 16, 16) and y.max() < 7
+    torch.testing.assert_close((x[:, 0, 0, 0] * 255).round().long() // 10, y)
+    before = params(module.model)
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert module.classifier.out_features == 7
+    assert not torch.equal(
+        before["blocks.0.conv.weight"], params(module.model)["blocks.0.conv.weight"]
+    )
+
+
+@pytest.mark.parametrize("finetune_all", [False, True])
+def test_finetune_fits_a_fresh_head_per_episode(finetune_all):
+    module, eps = finetune(finetune_all=finetune_all), random_episodes()
+    theta = params(module.model)
+    accs = module.evaluate(eps)
+    assert accs.shape == (2,)
+    for n, p in module.model.named_parameters():
+        assert torch.equal(p, theta[n])  # adaptation works on a copy
+    with torch.no_grad():
+        module.model.head.weight.add_(5.0)  # the trained head plays no part
+    torch.testing.assert_close(module.evaluate(eps), accs)
+
+
+# ---- every variant composes and runs on real data------------------------------------------------
+TINY = [
+    "model.channels=8",
+    "algo.meta_batch_size=2",
+    "data.batches_per_epoch=2",
+    "data.val_episodes=4",
+    "data.test_episodes=4",
+    "data.eval_batch_size=2",
+    "trainer.max_steps=3",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=none",
+    "print_config=false",
+]
+
+
+@pytest.mark.parametrize("algo", VARIANTS)
+def test_every_variant_runs(algo, tmp_path, data_root):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"algo={algo}", *TINY, f"output_dir={tmp_path}"])
+    metrics = run(cfg)
+    assert metrics["status"] == "ok" and metrics["algo"] == algo
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["steps"] == 3
+
+
+@pytest.mark.slow
+def test_multirun_over_all_variants_with_fast_dev_run(tmp_path, data_root):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        f"algo={','.join(VARIANTS)}",
+        "+trainer.fast_dev_run=true",
+        f"hydra.sweep.dir={tmp_path}",
+        *[o for o in TINY if not o.startswith("trainer.max_steps")],
+    ]
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    found = {}
+    for path in tmp_path.glob("*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        found[metrics["algo"]] = metrics["status"]
+    assert found == dict.fromkeys(VARIANTS, "ok")
