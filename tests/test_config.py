@@ -9,7 +9,7 @@ import pytest
 from metalearn.train import run
 from tests.helpers import REPO, compose_cfg
 
-CPU_ONLY = {"trainer": {"gpu", "ddp"}}  # need a GPU; ddp_cpu is tested in test_distributed
+SKIP = {"trainer": {"gpu", "ddp", "ddp_cpu"}}  # GPU-only; ddp_cpu: tests/test_distributed.py
 
 
 def options(group: str) -> list[str]:
@@ -20,7 +20,7 @@ CASES = [
     (group, option)
     for group in ("data", "algo", "model", "engine", "trainer", "logger", "experiment")
     for option in options(group)
-    if option not in CPU_ONLY.get(group, set())
+    if option not in SKIP.get(group, set())
 ]
 
 
