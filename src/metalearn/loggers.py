@@ -101,6 +101,10 @@ def wandb_logger(offline: bool | str = "auto", group: str | None = None, **kwarg
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
     Path(kwargs.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
+    import wandb
+
+    if wandb.run is not None:  # left open by an earlier job in this (joblib worker) process:
+        wandb.finish()  # WandbLogger would log this job into it
     return SweepWandbLogger(
         offline=offline, group=group or sweep_group(), reinit="finish_previous", **kwargs
     )

@@ -25,8 +25,10 @@ def print_config_tree(cfg: DictConfig) -> None:
 
 def finish_loggers(loggers) -> None:
     """Close W&B runs so the next job of a sweep starts a fresh run."""
+    from lightning.pytorch.loggers import WandbLogger
+
     for logger in loggers or []:
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):  # incl. metalearn.loggers.SweepWandbLogger
             import wandb
 
             logger.finalize("success")

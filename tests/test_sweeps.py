@@ -1,0 +1,223 @@
+"""Sweeps end to end on CPU: ``hydra/launcher=gpu_pool`` (no GPU: 2 parallel CPU processes),
+a failing cell that loses nothing, one offline W&B run per job, the report on the real sweep,
+and an Optuna smoke test."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metalearn.report import report
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.channels=8",
+    "algo.meta_batch_size=2",
+    "queries=5",
+    "data.batches_per_epoch=2",
+    "trainer.max_steps=4",  # two epochs: two points per learning curve
+    "data.val_episodes=10",
+    "data.test_episodes=10",
+    "data.eval_batch_size=5",
+    "print_config=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "hydra.sweep.subdir=${hydra.job.num}",
+]
+
+
+def train(args: list[str], data_root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, data_root) -> tuple[Path, str]:
+    """6 jobs = {maml, fomaml} x shots {1, 2, 20}; 20 shots + 5 queries > Omniglot's 20
+    drawers per character: those two cells fail at setup, the other four train."""
+    root = tmp_path_factory.mktemp("sweep")
+    proc = train(
+        [
+            "-m",
+            "hydra/launcher=gpu_pool",
+            "algo=maml,fomaml",
+            "shots=1,2,20",
+            *TINY,
+            "logger=wandb",
+            f"hydra.sweep.dir={root}",
+        ],
+        data_root,
+    )
+    return root, proc.stdout + proc.stderr
+
+
+def jobs(root: Path) -> dict[Path, dict]:
+    return {p.parent: json.loads(p.read_text()) for p in sorted(root.glob("*/metrics.json"))}
+
+
+def test_pool_runs_all_jobs_two_at_a_time(sweep):
+    root, log = sweep
+    assert "Joblib.Parallel(n_jobs=2," in log  # no GPU here: the CPU fallback of gpu_pool
+    assert "CPU process with" in log
+    found = jobs(root)
+    assert len(found) == 6
+    assert sum(m["status"] == "ok" for m in found.values()) == 4
+    # two workers: the first two real jobs (0 and 1) overlap in time
+    span = {
+        d.name: (
+            (d / ".hydra" / "config.yaml").stat().st_mtime,
+            (d / "metrics.json").stat().st_mtime,
+        )
+        for d in found
+    }
+    (s0, e0), (s1, e1) = span["0"], span["1"]
+    assert s1 < e0 and s0 < e1
+
+
+def test_a_failing_cell_loses_nothing_and_says_why(sweep):
+    root, _ = sweep
+    found = jobs(root)
+    failed = {d.name: m for d, m in found.items() if m["status"] != "ok"}
+    assert sorted(failed) == ["2", "5"]
+    for m in failed.values():
+        assert m["shots"] == 20 and "shots+queries" in m["error"]
+    for d, m in found.items():
+        if m["status"] == "ok":
+            assert 0.0 <= m["test/acc"] <= 1.0 and list((d / "checkpoints").glob("*.ckpt"))
+
+
+def test_report_on_the_real_sweep(sweep, tmp_path):
+    root, _ = sweep
+    out = report(root, tmp_path, echo=False)
+    assert [r[2] for r in out["rows"]] == ["fomaml", "maml"]
+    assert out["columns"] == [(5, 1), (5, 2), (5, 20)]
+    md = (tmp_path / "results.md").read_text()
+    for m in jobs(root).values():
+        if m["status"] == "ok":
+            assert f"{100 * m['test/acc']:.1f} ± {100 * m['test/acc_ci95']:.1f}" in md
+    assert md.count("| failed |") == 2 and "## Failed jobs (2)" in md
+    assert "shots+queries" in md
+    assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
+    assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
+
+
+# ---- W&B offline runs, read back from the run's transaction log ---------------------------
+def wandb_records(path: Path):
+    """Records of a ``run-*.wandb`` file (LevelDB log format: 32 KiB blocks of chunks with a
+    7-byte header crc32/length/type, after a 7-byte ':W&B' file header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding to the end of the block
+            pos += left - 7 - length
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    (log,) = run_dir.glob("run-*.wandb")
+    run, config, summary = None, {}, {}
+    for rec in wandb_records(log):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run = rec.run
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "summary":
+            summary.update(
+                {
+                    "/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                    for i in rec.summary.update
+                }
+            )
+    return {
+        "id": run.run_id,
+        "group": run.run_group,
+        "job_type": run.job_type,
+        "tags": list(run.tags),
+        "name": run.display_name,
+        "config": config,
+        "summary": summary,
+    }
+
+
+def test_each_job_is_one_offline_wandb_run(sweep):
+    root, _ = sweep
+    ids = set()
+    for job, metrics in jobs(root).items():
+        if metrics["status"] != "ok":
+            continue
+        (run_dir,) = (job / "wandb").glob("offline-run-*")  # one run per job, in its dir
+        run = read_offline_run(run_dir)
+        ids.add(run["id"])
+        assert run["group"] == str(root)  # grouped by sweep directory
+        assert run["job_type"] == metrics["algo"]
+        assert set(run["tags"]) == {
+            metrics["algo"],
+            "omniglot",
+            "5-way",
+            f"{metrics['shots']}-shot",
+        }
+        # flat config: parallel coordinates / group-by on any key
+        assert run["config"]["algo.inner_lr"] == 0.4 and run["config"]["shots"] == metrics["shots"]
+        assert run["config"]["job.num"] == int(job.name)
+        assert f"shots={metrics['shots']}" in run["config"]["job.overrides"]
+        # summary: the final test accuracy and its CI, as in metrics.json
+        assert run["summary"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+        assert run["summary"]["test/acc_ci95"] == pytest.approx(metrics["test/acc_ci95"], abs=1e-6)
+        assert run["summary"]["val/acc_best"] == pytest.approx(metrics["val/acc_best"], abs=1e-6)
+    assert len(ids) == 4
+
+
+# ---- Optuna --------------------------------------------------------------------------------
+def test_optuna_search_maximises_val_acc_best(tmp_path, data_root):
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper",
+        reason="pip install -e '.[optuna]' for hparams_search=optuna_lr",
+    )
+    train(
+        [
+            "hparams_search=optuna_lr",
+            "hydra.sweeper.n_trials=2",
+            "logger=none",
+            *TINY,
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        data_root,
+    )
+    trials = jobs(tmp_path)
+    assert len(trials) == 2
+    from omegaconf import OmegaConf
+
+    result = OmegaConf.load(tmp_path / "optimization_results.yaml")
+    assert result.best_value == pytest.approx(max(m["val/acc_best"] for m in trials.values()))
+    assert set(result.best_params) == {"algo.inner_lr", "algo.optimizer.lr", "algo.inner_steps"}
