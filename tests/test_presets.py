@@ -1,0 +1,121 @@
+"""Reproduction presets compose to the papers' settings (test_config runs each one briefly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf.errors import InterpolationKeyError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=["output_dir=/tmp/unused", *overrides])
+
+
+def settings(cfg) -> dict:
+    return {
+        "data": cfg.data.name,
+        "ways": cfg.ways,
+        "shots": cfg.shots,
+        "queries": cfg.queries,
+        "samples": cfg.data.samples_per_class,
+        "rotations": cfg.data.rotations,
+        "channels": cfg.model.channels,
+        "algo": cfg.algo.name,
+        "meta_batch": cfg.algo.meta_batch_size,
+        "inner_lr": cfg.algo.inner_lr,
+        "inner_steps": cfg.algo.inner_steps,
+        "inner_steps_test": cfg.algo.inner_steps_test,
+        "outer_lr": cfg.algo.optimizer.lr,
+        "max_steps": cfg.trainer.max_steps,
+        "batches_per_epoch": cfg.data.batches_per_epoch,
+    }
+
+
+def test_ff15_quickdraw_100_samples():
+    assert settings(compose("experiment=ff15_quickdraw")) == {
+        "data": "quickdraw",
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "samples": 100,
+        "rotations": False,
+        "channels": 20,
+        "algo": "maml",
+        "meta_batch": 25,
+        "inner_lr": 0.01,
+        "inner_steps": 5,
+        "inner_steps_test": 5,
+        "outer_lr": 0.001,
+        "max_steps": 5000,
+        "batches_per_epoch": 100,
+    }
+
+
+def test_ff15_quickdraw_20_samples_switches_lrs_and_batch():
+    cfg = compose("experiment=ff15_quickdraw", "data.samples_per_class=20", "ways=10", "shots=10")
+    s = settings(cfg)
+    assert (s["samples"], s["outer_lr"], s["inner_lr"], s["meta_batch"]) == (20, 0.0005, 0.005, 10)
+    assert s["shots"] + s["queries"] <= 20  # a 10-shot episode fits in 20 samples
+    assert cfg.data.meta_batch_size == 10  # the data module follows the algorithm
+    with pytest.raises(InterpolationKeyError, match="ff15.50"):
+        _ = compose("experiment=ff15_quickdraw", "data.samples_per_class=50").algo.inner_lr
+
+
+def test_ff15_quickdraw_class_split(data_root):
+    cfg = compose(
+        "experiment=ff15_quickdraw", f"data.root={data_root}", "data.samples_per_class=20"
+    )
+    dm = instantiate(cfg.data)
+    assert dm.num_classes == {"train": 207, "val": 69, "test": 69}
+    assert {c.images_per_class for _, c in dm.splits.items()} == {20}
+
+
+def test_maml_omniglot_follows_finn_et_al():
+    five = settings(compose("experiment=maml_omniglot"))
+    assert five == {
+        "data": "omniglot",
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "samples": None,
+        "rotations": True,
+        "channels": 64,
+        "algo": "maml",
+        "meta_batch": 32,
+        "inner_lr": 0.4,
+        "inner_steps": 1,
+        "inner_steps_test": 3,
+        "outer_lr": 0.001,
+        "max_steps": 60000,
+        "batches_per_epoch": 1000,
+    }
+    twenty = settings(compose("experiment=maml_omniglot", "ways=20"))
+    assert (
+        twenty["inner_lr"],
+        twenty["inner_steps"],
+        twenty["inner_steps_test"],
+        twenty["meta_batch"],
+    ) == (0.1, 5, 5, 16)
+
+
+def test_mamlpp_omniglot_uses_maml_pp():
+    if not (REPO / "conf" / "algo" / "maml_pp.yaml").exists():
+        pytest.skip("conf/algo/maml_pp.yaml is not there yet")
+    try:
+        cfg = compose("experiment=mamlpp_omniglot")
+    except HydraException as err:  # pragma: no cover - only while algo/maml_pp is missing
+        pytest.fail(str(err))
+    s = settings(cfg)
+    assert s["algo"] == "maml_pp" and s["inner_steps"] == 5 and s["rotations"]
+    assert s["max_steps"] == 75000 and s["batches_per_epoch"] == 500
+    assert (cfg.algo.msl_epochs, cfg.algo.da_epochs) == (10, 50)
+    assert cfg.algo.msl and cfg.algo.da and cfg.algo.bn_per_step and cfg.algo.cosine
