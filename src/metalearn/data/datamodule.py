@@ -39,10 +39,15 @@ EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
 
 
 class EpochSampler(Sampler[int]):
-    """Yields e * length + i for i in 0..length-1, where e is set by `set_epoch` (Lightning)."""
+    """Yields e * length + i for i in 0..length-1.
 
-    def __init__(self, length: int):
-        self.length, self.epoch = length, 0
+    e is read from ``epoch_fn`` (the Trainer's ``current_epoch``) when iteration starts, else
+    the value given to ``set_epoch``. Lightning's own ``set_epoch`` value is off by one after
+    resuming from a checkpoint written at validation end, which would break exact resume.
+    """
+
+    def __init__(self, length: int, epoch_fn=None):
+        self.length, self.epoch, self.epoch_fn = length, 0, epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -51,7 +56,9 @@ class EpochSampler(Sampler[int]):
         return self.length
 
     def __iter__(self):
-        return iter(range(self.epoch * self.length, (self.epoch + 1) * self.length))
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        epoch = self.epoch if epoch is None else int(epoch)
+        return iter(range(epoch * self.length, (epoch + 1) * self.length))
 
 
 class TrainMetaBatches(Dataset):
@@ -283,7 +290,11 @@ class EpisodeDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        return self._loader(dataset, EpochSampler(len(dataset)))
+        return self._loader(dataset, EpochSampler(len(dataset), self._trainer_epoch))
+
+    def _trainer_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"))
