@@ -221,3 +221,28 @@ def test_optuna_search_maximises_val_acc_best(tmp_path, data_root):
     result = OmegaConf.load(tmp_path / "optimization_results.yaml")
     assert result.best_value == pytest.approx(max(m["val/acc_best"] for m in trials.values()))
     assert set(result.best_params) == {"algo.inner_lr", "algo.optimizer.lr", "algo.inner_steps"}
+
+
+# ---- GPU pool bookkeeping (no GPU needed) ----------------------------------------------------
+def test_gpu_claims_are_exclusive_and_prefer_the_job_number(tmp_path, monkeypatch):
+    monkeypatch.setenv("METALEARN_GPU_LOCK_DIR", str(tmp_path))
+    from metalearn.pool import GpuClaim
+
+    gpus = ["0", "1"]
+    with GpuClaim(gpus, preferred=3) as first:  # job 3 -> GPU 3 mod 2 = 1
+        assert first == 1
+        with GpuClaim(gpus, preferred=1) as second:  # job 1 prefers GPU 1, taken -> GPU 0
+            assert second == 0
+            assert not GpuClaim(gpus, preferred=0).try_claim()  # both taken: a job would wait
+    with GpuClaim(gpus, preferred=0) as again:  # released when the jobs ended
+        assert again == 0
+
+
+def test_pool_size_falls_back_to_cpu_processes():
+    from omegaconf import OmegaConf
+
+    import metalearn.pool  # noqa: F401  registers the resolver
+
+    if metalearn.pool.visible_gpus():
+        pytest.skip("this machine has GPUs")
+    assert OmegaConf.create({"n": "${gpu_pool_size:3}"}).n == 3

@@ -164,6 +164,13 @@ def pinned_device(cfg: DictConfig):
         return
     job_num, n_jobs = job
     trainer = cfg.trainer
+    count = device_count(trainer.get("devices", 1))
+    if count != 1:  # several devices = DDP ranks, which Lightning starts by re-running the script
+        raise ConfigError(
+            f"hydra/launcher=gpu_pool runs single-device jobs in parallel, but this job asks for "
+            f"trainer.devices={trainer.get('devices')}: use trainer.devices=1, or run DDP jobs "
+            "with the default launcher (one job at a time on all GPUs) or hydra/launcher=slurm"
+        )
     accelerator = str(trainer.get("accelerator", "cpu"))
     gpus = visible_gpus() if accelerator in GPU_ACCELERATORS else []
     if not gpus:
@@ -174,14 +181,6 @@ def pinned_device(cfg: DictConfig):
         log.info("job %d: CPU process with %d threads (%d parallel jobs)", job_num, threads, n_jobs)
         yield None
         return
-    count = device_count(trainer.get("devices", 1))
-    strategy = trainer.get("strategy")
-    if count is None or count != 1 or (strategy is not None and "ddp" in str(strategy).lower()):
-        raise ConfigError(
-            f"hydra/launcher=gpu_pool runs one single-GPU job per GPU, but this job asks for "
-            f"trainer.devices={trainer.get('devices')} (strategy {strategy}): run DDP jobs with "
-            "the default launcher (one job at a time on all GPUs) or hydra/launcher=slurm"
-        )
     with GpuClaim(gpus, preferred=job_num) as index:
         import torch
 
