@@ -100,6 +100,8 @@ def test_a_failing_cell_loses_nothing_and_says_why(sweep):
     for d, m in found.items():
         if m["status"] == "ok":
             assert 0.0 <= m["test/acc"] <= 1.0 and list((d / "checkpoints").glob("*.ckpt"))
+            # the whole learning curve, even when the best (tested) checkpoint is epoch 0
+            assert [c["epoch"] for c in m["curve"]] == [0, 1]
 
 
 def test_report_on_the_real_sweep(sweep, tmp_path):

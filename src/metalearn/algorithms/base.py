@@ -151,6 +151,10 @@ class EpisodicModule(L.LightningModule):
         checkpoint["metalearn"] = {"val_best": self.val_best, "history": self.history}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming a fit restores the curve; testing the *best* checkpoint after a fit must not
+        # cut the curve (and val_best) back to that checkpoint's epoch.
+        if self._trainer is not None and self.trainer.state.fn != "fit" and self.history:
+            return
         state = checkpoint.get("metalearn", {})
         self.val_best = state.get("val_best", 0.0)
         self.history = list(state.get("history", []))
