@@ -248,3 +248,26 @@ def test_pool_size_falls_back_to_cpu_processes():
     if metalearn.pool.visible_gpus():
         pytest.skip("this machine has GPUs")
     assert OmegaConf.create({"n": "${gpu_pool_size:3}"}).n == 3
+
+
+def test_launcher_configs_compose():
+    from hydra import compose, initialize_config_dir
+
+    import metalearn.pool  # noqa: F401  registers ${gpu_pool_size:}
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        pool = compose("train", ["hydra/launcher=gpu_pool"], return_hydra_config=True)
+        assert "JoblibLauncher" in pool.hydra.launcher._target_
+        assert pool.hydra.launcher.n_jobs == metalearn.pool.pool_size(2)
+        pytest.importorskip(
+            "hydra_plugins.hydra_submitit_launcher",
+            reason='pip install -e ".[slurm]" for hydra/launcher=slurm',
+        )
+        slurm = compose(
+            "train",
+            ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        ).hydra.launcher
+    assert "SlurmLauncher" in slurm._target_
+    assert (slurm.partition, slurm.gpus_per_node, slurm.tasks_per_node) == ("gpu", 1, 1)
+    assert slurm.timeout_min == 240 and slurm.submitit_folder.endswith(".submitit/%j")
