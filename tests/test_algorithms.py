@@ -575,6 +575,7 @@ TINY = [
 
 @pytest.mark.parametrize("algo", VARIANTS)
 def test_every_variant_runs(algo, tmp_path, data_root):
+    torch.set_num_threads(1)  # small convolutions: a second thread only adds contention
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"algo={algo}", *TINY, f"output_dir={tmp_path}"])
     metrics = run(cfg)
@@ -593,7 +594,7 @@ def test_multirun_over_all_variants_with_fast_dev_run(tmp_path, data_root):
         f"hydra.sweep.dir={tmp_path}",
         *[o for o in TINY if not o.startswith("trainer.max_steps")],
     ]
-    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     found = {}
     for path in tmp_path.glob("*/metrics.json"):
