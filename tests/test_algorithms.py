@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
@@ -601,3 +602,20 @@ def test_multirun_over_all_variants_with_fast_dev_run(tmp_path, data_root):
         metrics = json.loads(path.read_text())
         found[metrics["algo"]] = metrics["status"]
     assert found == dict.fromkeys(VARIANTS, "ok")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expect"),
+    [
+        ([], {"msl": True, "inner_rates": "lslr", "bn_per_step": True, "da": True, "cosine": True}),
+        (["algo.msl=false"], {"msl": False, "inner_rates": "lslr", "da": True}),
+        (["algo.lslr=false"], {"msl": True, "inner_rates": "fixed"}),
+        (["algo.bn_per_step=false", "algo.da=false"], {"bn_per_step": False, "da": False}),
+    ],
+)
+def test_maml_pp_components_are_separate_switches(overrides, expect):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["algo=maml_pp", "output_dir=.", *overrides])
+    module = instantiate(cfg.algo, model=instantiate(cfg.model), engine=instantiate(cfg.engine))
+    assert {k: getattr(module, k) for k in expect} == expect
+    assert module.model.blocks[0].norm.scale.shape[0] == (5 if module.bn_per_step else 1)
