@@ -196,14 +196,7 @@ def test_per_step_bn_inner_loop_uses_step_t_at_step_t(engine, monkeypatch):
 @pytest.mark.parametrize(
     "engine",
     [
-        pytest.param(
-            "higher",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="higher's innerloop_ctx updates copies of the buffers (buffer_sync), so "
-                "running statistics never reach the model with engine=higher",
-            ),
-        ),
+        "higher",
         "func",
     ],
 )

@@ -27,6 +27,14 @@ def inner_optimizer(loop: InnerLoop, params: list) -> torch.optim.Optimizer:
     raise ValueError(f"algo.inner_optimizer={loop.optimizer!r}; choose one of {OPTIMIZERS}")
 
 
+def sync_buffers(fmodel, model) -> None:
+    """Copy running statistics updated on higher's functional copy back to the model."""
+    with torch.no_grad():
+        for (name, mine), theirs in zip(model.named_buffers(), fmodel.buffers(), strict=True):
+            if mine is not theirs:
+                mine.copy_(theirs)
+
+
 class HigherEngine:
     name = "higher"
 
@@ -53,6 +61,7 @@ class HigherEngine:
                 if logits is None:
                     logits = fmodel(qx, step=0)
                     objective = loss = cross_entropy(logits, qy)
+                sync_buffers(fmodel, model)
             objectives.append(objective)
             losses.append(torch.as_tensor(loss).detach())
             accs.append(accuracy(logits, qy).detach())
