@@ -96,6 +96,16 @@ def test_wrong_hash_leaves_nothing(server, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_md5_is_checked_too(server, tmp_path):
+    payload = b"y" * 1000
+    server.files["/blob.bin"] = payload
+    with pytest.raises(DataError, match="md5"):
+        download(server.url + "/blob.bin", tmp_path / "blob.bin", md5="0" * 32)
+    assert leftovers(tmp_path) == []
+    good = hashlib.md5(payload).hexdigest()
+    assert download(server.url + "/blob.bin", tmp_path / "blob.bin", md5=good).exists()
+
+
 def test_interrupted_transfer_leaves_nothing(server, tmp_path):
     server.files["/cut.bin"] = b"y" * 5000
     server.truncated.add("/cut.bin")

@@ -74,10 +74,11 @@ def download(
     sha256: str | None = None,
     byte_range: tuple[int, int] | None = None,
     timeout: float = 60.0,
+    md5: str | None = None,
 ) -> Path:
     """Fetch `url` (optionally only bytes byte_range[0]..byte_range[1], inclusive) into `dest`.
 
-    If `sha256` is given the content must match it. On any failure the temp file is removed and a
+    If `sha256` (or a published `md5`) is given the content must match it. On any failure the temp file is removed and a
     DataError is raised; `dest` is only ever replaced by a complete, verified file.
     """
     dest = Path(dest)
@@ -92,6 +93,11 @@ def download(
         if sha256 is not None and hasher.hexdigest() != sha256.lower():
             raise DataError(
                 f"download of {url} has sha256 {hasher.hexdigest()}, expected {sha256}: the file"
+                f" is corrupt or has changed upstream; nothing was written to {dest}"
+            )
+        if md5 is not None and hasher.md5.hexdigest() != md5.lower():
+            raise DataError(
+                f"download of {url} has md5 {hasher.md5.hexdigest()}, expected {md5}: the file"
                 f" is corrupt or has changed upstream; nothing was written to {dest}"
             )
         os.replace(tmp, dest)
@@ -110,10 +116,11 @@ def read_url(url: str, byte_range: tuple[int, int] | None = None, timeout: float
 
 class _HashingWriter:
     def __init__(self, out):
-        self.out, self.sha = out, hashlib.sha256()
+        self.out, self.sha, self.md5 = out, hashlib.sha256(), hashlib.md5()
 
     def write(self, chunk: bytes) -> None:
         self.sha.update(chunk)
+        self.md5.update(chunk)
         self.out.write(chunk)
 
     def hexdigest(self) -> str:

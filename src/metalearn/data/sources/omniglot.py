@@ -40,6 +40,12 @@ BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 # are NOT verified yet (download() then skips the hash check; the zip is still checked to open
 # and to hold 964/659 equal-sized classes). Put the real hex digests here to make it mandatory.
 ZIP_SHA256: dict[str, str | None] = {"images_background.zip": None, "images_evaluation.zip": None}
+# md5 of the official zips as published (torchvision's Omniglot and others use the same values):
+# always verified when downloading from BASE_URL.
+ZIP_MD5 = {
+    "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+}
 NPZ_KEYS = ("images", "labels", "class_names", "alphabets")
 
 
@@ -101,7 +107,8 @@ def load_part(folder, part, image_size, download, base_url, hashes) -> ClassImag
         if not download:
             raise DataError(missing_message(folder, image_size) + " (data.download is false)")
         try:
-            fetch(base_url + path.name, path, sha256=hashes.get(path.name))
+            md5 = ZIP_MD5.get(path.name) if base_url == BASE_URL else None
+            fetch(base_url + path.name, path, sha256=hashes.get(path.name), md5=md5)
         except DataError as err:
             raise DataError(f"{err}\n{missing_message(folder, image_size)}") from err
     if path.suffix == ".npz":
