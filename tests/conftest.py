@@ -18,8 +18,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def data_root() -> Path:
     root = Path(os.environ.get("METALEARN_DATA_DIR", REPO.parent / "shared" / "data"))
     if not (root / "omniglot").is_dir():
-        pytest.fail(f"real data not found under {root}: set METALEARN_DATA_DIR to the folder "
-                    "holding omniglot/ and quickdraw/ (see README)")
+        pytest.fail(
+            f"real data not found under {root}: set METALEARN_DATA_DIR to the folder "
+            "holding omniglot/ and quickdraw/ (see README)"
+        )
     return root
 
 

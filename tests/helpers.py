@@ -48,5 +48,6 @@ def compose_cfg(output_dir, overrides=(), tiny=True):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=[*(TINY if tiny else []), f"output_dir={output_dir}",
-                                           *overrides])
+        return compose(
+            "train", overrides=[*(TINY if tiny else []), f"output_dir={output_dir}", *overrides]
+        )

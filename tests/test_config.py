@@ -26,8 +26,9 @@ CASES = [
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_runs_fast_dev_run(group, option, tmp_path, data_root):
-    cfg = compose_cfg(tmp_path, [f"{group}={option}", "+trainer.fast_dev_run=true",
-                                 f"data.root={data_root}"])
+    cfg = compose_cfg(
+        tmp_path, [f"{group}={option}", "+trainer.fast_dev_run=true", f"data.root={data_root}"]
+    )
     if group == "experiment":  # presets are long: keep their settings, shrink the run
         cfg.data.test_episodes = cfg.data.val_episodes = 10
     metrics = run(cfg)

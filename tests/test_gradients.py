@@ -20,12 +20,12 @@ LR = 0.3
 def reference_objective(net, params, episodes, steps, lr=LR, first_order=False):
     """Independent MAML objective: functional_call + autograd.grad(create_graph=True)."""
     total = 0.0
-    for sx, sy, qx, qy in zip(*episodes):
+    for sx, sy, qx, qy in zip(*episodes, strict=True):
         fast = dict(params)
         for _ in range(steps):
             loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads)}
+            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
         total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
     return total / len(episodes.support_x)
 
@@ -45,7 +45,7 @@ def test_second_order_equals_independent_torch_func(engine, steps):
     got = engine_grads(ENGINES[engine], net, eps, steps)
     params = dict(net.named_parameters())
     want = torch.autograd.grad(reference_objective(net, params, eps, steps), list(params.values()))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
 
 
@@ -59,12 +59,12 @@ def test_second_order_matches_finite_differences(engine):
         v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
         h = 1e-6
 
-        def f(s):
+        def f(s, v=v):
             shifted = {n: (p + s * v[n]).requires_grad_() for n, p in params.items()}
             return reference_objective(net, shifted, eps, steps=2).item()
 
         fd = (f(h) - f(-h)) / (2 * h)
-        analytic = sum((g * v[n]).sum() for g, n in zip(got, params)).item()
+        analytic = sum((g * v[n]).sum() for g, n in zip(got, params, strict=True)).item()
         assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
@@ -76,19 +76,21 @@ def test_first_order_equals_detached_and_differs_from_second_order(engine):
     # detached reference: dL_query/dphi evaluated at the (first-order) adapted phi
     params = {n: p.detach() for n, p in net.named_parameters()}
     want = [torch.zeros_like(p) for p in params.values()]
-    for sx, sy, qx, qy in zip(*eps):
+    for sx, sy, qx, qy in zip(*eps, strict=True):
         fast = {n: p.clone().requires_grad_() for n, p in params.items()}
         for _ in range(2):
             loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
             grads = torch.autograd.grad(loss, list(fast.values()))
-            fast = {n: (w - LR * g).detach().requires_grad_()
-                    for (n, w), g in zip(fast.items(), grads)}
+            fast = {
+                n: (w - LR * g).detach().requires_grad_()
+                for (n, w), g in zip(fast.items(), grads, strict=True)
+            }
         q = F.cross_entropy(functional_call(net, fast, (qx,)), qy) / len(eps.support_x)
-        for acc, g in zip(want, torch.autograd.grad(q, list(fast.values()))):
+        for acc, g in zip(want, torch.autograd.grad(q, list(fast.values())), strict=True):
             acc += g
-    for g, w in zip(first, want):
+    for g, w in zip(first, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
-    gap = max((a - b).abs().max().item() for a, b in zip(first, second))
+    gap = max((a - b).abs().max().item() for a, b in zip(first, second, strict=True))
     assert gap > 1e-4, "first-order gradients should differ from second-order ones"
 
 
@@ -98,9 +100,10 @@ def test_head_only_adaptation_leaves_body_fixed_in_inner_loop(engine):
     net, eps = tiny_net(), random_episodes()
     head = [n for n, _ in net.named_parameters() if n.startswith("head.")]
     got = engine_grads(ENGINES[engine], net, eps, steps=2, adapt=head)
-    loop = InnerLoop(2, lambda n, t: LR if n.startswith("head.") else 0.0,
-                     [n for n, _ in net.named_parameters()])
+    loop = InnerLoop(
+        2, lambda n, t: LR if n.startswith("head.") else 0.0, [n for n, _ in net.named_parameters()]
+    )
     net.zero_grad()
     FuncEngine()(net, loop, eps).objective.backward()
-    for g, p in zip(got, net.parameters()):
+    for g, p in zip(got, net.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)

@@ -69,8 +69,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
     last = tmp_path / "checkpoints" / "last.ckpt"
     before = torch.load(last, map_location="cpu", weights_only=False)
     with pytest.raises(NonFiniteLossError, match="last.ckpt"):
-        run_with(tmp_path, data_root, f"ckpt_path={last}", "trainer.max_steps=4",
-                 "algo.inner_lr=1e30")
+        run_with(
+            tmp_path, data_root, f"ckpt_path={last}", "trainer.max_steps=4", "algo.inner_lr=1e30"
+        )
     after = torch.load(last, map_location="cpu", weights_only=False)
     assert after["global_step"] == before["global_step"] == 2
     for k, v in before["state_dict"].items():
@@ -95,8 +96,19 @@ def test_resume_is_exact(tmp_path, data_root):
 
 def test_metrics_json_has_contract_keys(tmp_path, data_root):
     metrics = run_with(tmp_path, data_root)
-    for key in ("test/acc", "test/acc_ci95", "val/acc_best", "algo", "dataset", "ways",
-                "shots", "queries", "seed", "steps", "wall_s"):
+    for key in (
+        "test/acc",
+        "test/acc_ci95",
+        "val/acc_best",
+        "algo",
+        "dataset",
+        "ways",
+        "shots",
+        "queries",
+        "seed",
+        "steps",
+        "wall_s",
+    ):
         assert key in metrics, key
     assert metrics["steps"] == 2 and np.isfinite(metrics["test/acc"])
     assert list((tmp_path / "checkpoints").glob("*.ckpt"))
@@ -106,8 +118,15 @@ def test_cli_multirun_writes_one_metrics_per_job(tmp_path, data_root):
     from tests.helpers import TINY
 
     env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "train.py", "-m", "algo=maml,fomaml", *TINY,
-           f"hydra.sweep.dir={tmp_path}", "print_config=true"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "algo=maml,fomaml",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path}",
+        "print_config=true",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = sorted(tmp_path.glob("*/metrics.json"))
@@ -117,7 +136,12 @@ def test_cli_multirun_writes_one_metrics_per_job(tmp_path, data_root):
 
 
 def test_help_lists_groups_and_examples():
-    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0
     assert "algo: " in proc.stdout and "maml" in proc.stdout and "python train.py -m" in proc.stdout

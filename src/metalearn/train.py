@@ -63,8 +63,12 @@ def run(cfg: DictConfig) -> dict:
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
         loggers = build_loggers(cfg)
-        trainer = build(cfg.trainer, logger=loggers or False, callbacks=[checkpoint, last],
-                              default_root_dir=str(out))
+        trainer = build(
+            cfg.trainer,
+            logger=loggers or False,
+            callbacks=[checkpoint, last],
+            default_root_dir=str(out),
+        )
         try:
             trainer.fit(algo, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except NonFiniteLossError as err:
@@ -85,24 +89,39 @@ def run(cfg: DictConfig) -> dict:
 
 def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
     """The best checkpoint by ``val/acc`` and ``last.ckpt``, rewritten after every epoch."""
-    best = ModelCheckpoint(dirpath=dirpath, monitor="val/acc", mode="max", save_top_k=1,
-                           filename="best-epoch{epoch:03d}-step{step}",
-                           auto_insert_metric_name=False)
-    last = ModelCheckpoint(dirpath=dirpath, filename="last", save_top_k=1,
-                           enable_version_counter=False)
+    best = ModelCheckpoint(
+        dirpath=dirpath,
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+        filename="best-epoch{epoch:03d}-step{step}",
+        auto_insert_metric_name=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False
+    )
     return best, last
 
 
 def run_info(cfg: DictConfig) -> dict:
-    return {"algo": cfg.algo.name, "dataset": cfg.data.name, "ways": cfg.ways,
-            "shots": cfg.shots, "queries": cfg.queries, "seed": cfg.seed,
-            "engine": cfg.engine._target_.rsplit(".", 1)[-1],
-            "samples_per_class": cfg.data.get("samples_per_class")}
+    return {
+        "algo": cfg.algo.name,
+        "dataset": cfg.data.name,
+        "ways": cfg.ways,
+        "shots": cfg.shots,
+        "queries": cfg.queries,
+        "seed": cfg.seed,
+        "engine": cfg.engine._target_.rsplit(".", 1)[-1],
+        "samples_per_class": cfg.data.get("samples_per_class"),
+    }
 
 
 def collect_metrics(cfg, trainer, algo, checkpoint, wall_s: float) -> dict:
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items()
-              if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1}
+    logged = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
+    }
     return {
         **run_info(cfg),
         "status": "ok",

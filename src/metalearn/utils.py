@@ -17,8 +17,11 @@ def print_config_tree(cfg: DictConfig) -> None:
     keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER and k != "hydra"]
     for key in keys:
         value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) \
+        text = (
+            OmegaConf.to_yaml(value, resolve=True)
+            if isinstance(value, DictConfig)
             else str(OmegaConf.select(cfg, key))
+        )
         tree.add(str(key), style="cyan").add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
 

@@ -29,9 +29,15 @@ def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
 class EpisodicModule(L.LightningModule):
     """Base class. Subclasses implement ``training_step`` and ``evaluate(episodes)``."""
 
-    def __init__(self, model: Callable[..., nn.Module] | nn.Module, optimizer: Callable,
-                 name: str = "", meta_batch_size: int = 32, cosine: bool = False,
-                 min_lr: float = 0.0):
+    def __init__(
+        self,
+        model: Callable[..., nn.Module] | nn.Module,
+        optimizer: Callable,
+        name: str = "",
+        meta_batch_size: int = 32,
+        cosine: bool = False,
+        min_lr: float = 0.0,
+    ):
         super().__init__()
         self.automatic_optimization = False
         self.algo_name = name
@@ -60,8 +66,14 @@ class EpisodicModule(L.LightningModule):
         opt = self.optimizer_factory(self.outer_parameters())
         if not self.cosine:
             return opt
-        steps = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0
-                           else self.trainer.estimated_stepping_batches))
+        steps = max(
+            1,
+            int(
+                self.trainer.max_steps
+                if self.trainer.max_steps > 0
+                else self.trainer.estimated_stepping_batches
+            ),
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.min_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -90,15 +102,22 @@ class EpisodicModule(L.LightningModule):
     def query_acc_before(self, episodes) -> torch.Tensor:
         """Query accuracy of the un-adapted model (train/acc_pre)."""
         with torch.no_grad():
-            return torch.stack([
-                (self.model(qx).argmax(-1) == qy).float().mean()
-                for qx, qy in zip(episodes.query_x, episodes.query_y)
-            ])
+            return torch.stack(
+                [
+                    (self.model(qx).argmax(-1) == qy).float().mean()
+                    for qx, qy in zip(episodes.query_x, episodes.query_y, strict=True)
+                ]
+            )
 
     def log_train(self, **values) -> None:
         for k, v in values.items():
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "acc"), on_step=True,
-                     batch_size=self.meta_batch_size)
+            self.log(
+                f"train/{k}",
+                v,
+                prog_bar=k in ("loss", "acc"),
+                on_step=True,
+                batch_size=self.meta_batch_size,
+            )
 
     # ---- evaluation -------------------------------------------------------------------
     def validation_step(self, episodes, batch_idx):
@@ -137,10 +156,19 @@ class EpisodicModule(L.LightningModule):
             return
         acc, ci = mean_ci95(accs)
         self.val_best = max(self.val_best, acc)
-        self.history.append({"epoch": self.current_epoch, "step": self.global_step,
-                             "val/acc": acc, "val/acc_ci95": ci})
-        self.log_dict({"val/acc": acc, "val/acc_ci95": ci, "val/acc_best": self.val_best},
-                      prog_bar=True, sync_dist=False)
+        self.history.append(
+            {
+                "epoch": self.current_epoch,
+                "step": self.global_step,
+                "val/acc": acc,
+                "val/acc_ci95": ci,
+            }
+        )
+        self.log_dict(
+            {"val/acc": acc, "val/acc_ci95": ci, "val/acc_best": self.val_best},
+            prog_bar=True,
+            sync_dist=False,
+        )
 
     def on_test_epoch_end(self) -> None:
         acc, ci = mean_ci95(self._gathered_accs())

@@ -78,8 +78,9 @@ def download(
 ) -> Path:
     """Fetch `url` (optionally only bytes byte_range[0]..byte_range[1], inclusive) into `dest`.
 
-    If `sha256` (or a published `md5`) is given the content must match it. On any failure the temp file is removed and a
-    DataError is raised; `dest` is only ever replaced by a complete, verified file.
+    If `sha256` (or a published `md5`) is given the content must match it. On any failure the
+    temp file is removed and a DataError is raised; `dest` is only ever replaced by a complete,
+    verified file.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

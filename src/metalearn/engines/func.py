@@ -18,6 +18,7 @@ def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> 
     weights = loop.weights()
     objective, logits = 0.0, None
     for t in range(loop.steps):
+
         def support_loss(sub, t=t):
             return cross_entropy(forward({**fast, **sub}, sx, t), sy)
 
@@ -55,10 +56,10 @@ class FuncEngine:
 
         def grad(f, sub):
             gs = torch.autograd.grad(f(sub), list(sub.values()), create_graph=not loop.first_order)
-            return dict(zip(sub, gs))
+            return dict(zip(sub, gs, strict=True))
 
         losses, accs = [], []
-        for sx, sy, qx, qy in zip(*episodes):
+        for sx, sy, qx, qy in zip(*episodes, strict=True):
             loss, acc = adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
             losses.append(loss)
             accs.append(acc)

@@ -30,7 +30,7 @@ def inner_optimizer(loop: InnerLoop, params: list) -> torch.optim.Optimizer:
 def sync_buffers(fmodel, model) -> None:
     """Copy running statistics updated on higher's functional copy back to the model."""
     with torch.no_grad():
-        for (name, mine), theirs in zip(model.named_buffers(), fmodel.buffers(), strict=True):
+        for (_name, mine), theirs in zip(model.named_buffers(), fmodel.buffers(), strict=True):
             if mine is not theirs:
                 mine.copy_(theirs)
 
@@ -44,7 +44,7 @@ class HigherEngine:
         opt = inner_optimizer(loop, [named[n] for n in loop.adapt])
         weights = loop.weights()
         objectives, losses, accs = [], [], []
-        for sx, sy, qx, qy in zip(*episodes):
+        for sx, sy, qx, qy in zip(*episodes, strict=True):
             with higher.innerloop_ctx(
                 model, opt, copy_initial_weights=False, track_higher_grads=not loop.first_order
             ) as (fmodel, diffopt):
@@ -73,4 +73,6 @@ class HigherEngine:
             return q_loss
         fast = list(fmodel.parameters())
         grads = torch.autograd.grad(q_loss, fast, allow_unused=True)
-        return sum((p * g.detach()).sum() for p, g in zip(theta, grads) if g is not None)
+        return sum(
+            (p * g.detach()).sum() for p, g in zip(theta, grads, strict=True) if g is not None
+        )

@@ -28,8 +28,14 @@ class StepNorm(nn.Module):
     so each test image is classified independently of the others.
     """
 
-    def __init__(self, channels: int, steps: int = 1, mode: str = "transductive",
-                 momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(
+        self,
+        channels: int,
+        steps: int = 1,
+        mode: str = "transductive",
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         if mode not in BN_MODES:
             raise ConfigError(f"model.bn_mode={mode!r} is unknown; choose one of {BN_MODES}")
@@ -45,8 +51,14 @@ class StepNorm(nn.Module):
         if self.mode == "transductive":
             x = F.batch_norm(x, None, None, training=True, eps=self.eps)
         else:
-            x = F.batch_norm(x, self.running_mean[t], self.running_var[t],
-                             training=self.training, momentum=self.momentum, eps=self.eps)
+            x = F.batch_norm(
+                x,
+                self.running_mean[t],
+                self.running_var[t],
+                training=self.training,
+                momentum=self.momentum,
+                eps=self.eps,
+            )
         return x * self.scale[t].view(1, -1, 1, 1) + self.shift[t].view(1, -1, 1, 1)
 
 
@@ -72,8 +84,15 @@ class Conv4(nn.Module):
         bn_steps: number of per-step BatchNorm copies (1 = shared; MAML++ uses inner_steps).
     """
 
-    def __init__(self, ways: int, channels: int = 64, in_channels: int = 1,
-                 image_size: int = 28, bn_mode: str = "transductive", bn_steps: int = 1):
+    def __init__(
+        self,
+        ways: int,
+        channels: int = 64,
+        in_channels: int = 1,
+        image_size: int = 28,
+        bn_mode: str = "transductive",
+        bn_steps: int = 1,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(
             ConvBlock(in_channels if i == 0 else channels, channels, bn_steps, bn_mode)
