@@ -100,14 +100,23 @@ class EpisodicModule(L.LightningModule):
         """Called with the meta-gradients in ``.grad``, before the optimizer steps."""
 
     def query_acc_before(self, episodes) -> torch.Tensor:
-        """Query accuracy of the un-adapted model (train/acc_pre)."""
-        with torch.no_grad():
-            return torch.stack(
-                [
-                    (self.model(qx).argmax(-1) == qy).float().mean()
-                    for qx, qy in zip(episodes.query_x, episodes.query_y, strict=True)
-                ]
-            )
+        """Query accuracy of the un-adapted model (train/acc_pre).
+
+        Runs in eval mode so that inductive BatchNorm neither uses nor updates its running
+        statistics with these query batches (transductive BatchNorm is unaffected).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return torch.stack(
+                    [
+                        (self.model(qx).argmax(-1) == qy).float().mean()
+                        for qx, qy in zip(episodes.query_x, episodes.query_y, strict=True)
+                    ]
+                )
+        finally:
+            self.model.train(was_training)
 
     def log_train(self, **values) -> None:
         for k, v in values.items():
