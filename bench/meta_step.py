@@ -119,11 +119,13 @@ def engine_meta_step(engine, model, opt, episodes, steps: int, first_order: bool
 
 
 def make_engine(name: str, malloc: bool):
-    return {
-        "higher": HigherEngine,
-        "func": FuncEngine,
-        "vmap": lambda: VmapEngine(tune_malloc=malloc),
-    }[name]()
+    """``higher``, ``func``, ``vmap`` (its default, chunk_size=auto), ``vmap:all`` (no
+    chunks) or ``vmap:K`` (chunks of K tasks)."""
+    if name.startswith("vmap"):
+        arg = name.split(":")[1] if ":" in name else "auto"
+        chunk = {"auto": "auto", "all": None}.get(arg) or int(arg)
+        return VmapEngine(chunk_size=chunk, tune_malloc=malloc)
+    return {"higher": HigherEngine, "func": FuncEngine}[name]()
 
 
 class Runner:
@@ -286,6 +288,8 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
         if engine == "vmap" and args.no_malloc_tune:
             algo.engine.tune_malloc = False
+        if args.no_acc_pre:  # attribute the overhead: skip GBML's train/acc_pre forwards
+            algo.query_acc_before = lambda episodes: torch.zeros(len(episodes.query_y))
         bare_name = "loop" if engine == "func" else engine  # func's bare twin: the loop
         bare = Runner(
             bare_name, setting, args.device, not args.no_malloc_tune, setting["steps"], first_order
@@ -532,6 +536,11 @@ def parse(argv=None):
         help="engines run through the Lightning loop ('' skips the overhead)",
     )
     p.add_argument("--overhead-orders", default="second", help="orders run through Lightning")
+    p.add_argument(
+        "--no-acc-pre",
+        action="store_true",
+        help="overhead run without GBML's train/acc_pre forward passes (attribution)",
+    )
     p.add_argument("--memory-engines", default="func,vmap", help="'' skips memory")
     p.add_argument("--memory-steps", default="1,5,10")
     p.add_argument("--memory-settings", default="omniglot")

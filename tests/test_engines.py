@@ -167,13 +167,16 @@ def test_parameters_after_two_outer_steps_agree(algo):
             torch.testing.assert_close(got[name], want[name], **tol, msg=f"{engine}/{algo}: {name}")
 
 
-def test_chunked_vmap_equals_whole_batch():
+@pytest.mark.parametrize("engine", [VmapEngine(chunk_size=2), VmapEngine(cpu_chunk_mb=1e-3)])
+def test_chunked_vmap_equals_whole_batch(engine):
     eps = random_episodes(batch=3)
     want = reference_grads("lslr")
     net, a = setup("lslr")
-    VmapEngine(chunk_size=2)(net, a.loop, eps).objective.backward()
+    engine(net, a.loop, eps).objective.backward()
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.grad, want[n], **TIGHT)
+    if engine.chunk_size == "auto":  # a tiny budget: one task per chunk
+        assert engine.auto_chunk(net, eps) == 1
 
 
 def test_gbml_gives_equal_meta_gradients_with_each_engine():
