@@ -102,8 +102,9 @@ class EpisodicModule(L.LightningModule):
     def query_acc_before(self, episodes) -> torch.Tensor:
         """Query accuracy of the un-adapted model (train/acc_pre).
 
-        Runs in eval mode so that inductive BatchNorm neither uses nor updates its running
-        statistics with these query batches (transductive BatchNorm is unaffected).
+        Runs in eval mode so that inductive BatchNorm does not update its running statistics
+        with these query batches (it normalises with them, as at test time; transductive
+        BatchNorm is unaffected).
         """
         was_training = self.model.training
         self.model.eval()
