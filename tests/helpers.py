@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from metalearn.data.episodes import Episodes
 from metalearn.models.conv4 import Conv4
@@ -51,3 +53,16 @@ def compose_cfg(output_dir, overrides=(), tiny=True):
         return compose(
             "train", overrides=[*(TINY if tiny else []), f"output_dir={output_dir}", *overrides]
         )
+
+
+def reference_objective(net, params, episodes, steps, lr=0.3, first_order=False):
+    """Independent MAML objective: functional_call + autograd.grad(create_graph=True)."""
+    total = 0.0
+    for sx, sy, qx, qy in zip(*episodes, strict=True):
+        fast = dict(params)
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
+        total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
+    return total / len(episodes.support_x)

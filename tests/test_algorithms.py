@@ -33,7 +33,7 @@ from metalearn.engines.higher import HigherEngine
 from metalearn.errors import ConfigError
 from metalearn.models.conv4 import StepNorm
 from metalearn.train import run
-from tests.helpers import random_episodes, tiny_net
+from tests.helpers import random_episodes, reference_objective, tiny_net
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine()}
@@ -225,15 +225,8 @@ def test_per_step_bn_running_statistics_per_step(engine):
 def reference_grads(net, episodes, steps, lr, first_order) -> list[torch.Tensor]:
     """Independent MAML meta-gradient (functional_call + autograd.grad)."""
     theta = dict(net.named_parameters())
-    total = 0.0
-    for sx, sy, qx, qy in zip(*episodes, strict=True):
-        fast = dict(theta)
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
-            gs = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), gs, strict=True)}
-        total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
-    return list(torch.autograd.grad(total / len(episodes.support_x), list(theta.values())))
+    total = reference_objective(net, theta, episodes, steps, lr, first_order)
+    return list(torch.autograd.grad(total, list(theta.values())))
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -11,23 +11,10 @@ from torch.func import functional_call
 from metalearn.engines.base import InnerLoop
 from metalearn.engines.func import FuncEngine
 from metalearn.engines.higher import HigherEngine
-from tests.helpers import random_episodes, tiny_net
+from tests.helpers import random_episodes, reference_objective, tiny_net
 
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine()}
 LR = 0.3
-
-
-def reference_objective(net, params, episodes, steps, lr=LR, first_order=False):
-    """Independent MAML objective: functional_call + autograd.grad(create_graph=True)."""
-    total = 0.0
-    for sx, sy, qx, qy in zip(*episodes, strict=True):
-        fast = dict(params)
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
-        total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
-    return total / len(episodes.support_x)
 
 
 def engine_grads(engine, net, episodes, steps, first_order=False, adapt=None):
