@@ -289,7 +289,7 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
         if engine == "vmap" and args.no_malloc_tune:
             algo.engine.tune_malloc = False
         if args.no_acc_pre:  # attribute the overhead: skip GBML's train/acc_pre forwards
-            algo.query_acc_before = lambda episodes: torch.zeros(len(episodes.query_y))
+            algo.query_acc_before = lambda episodes: torch.zeros(())
         bare_name = "loop" if engine == "func" else engine  # func's bare twin: the loop
         bare = Runner(
             bare_name, setting, args.device, not args.no_malloc_tune, setting["steps"], first_order

@@ -3,6 +3,7 @@ a sweep writes one metrics.json per job."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -145,3 +146,31 @@ def test_help_lists_groups_and_examples():
     )
     assert proc.returncode == 0
     assert "algo: " in proc.stdout and "maml" in proc.stdout and "python train.py -m" in proc.stdout
+
+
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_acc_pre_is_computed_on_logging_steps_only(tmp_path, data_root, monkeypatch, algo):
+    from metalearn.algorithms.base import EpisodicModule
+
+    calls = []
+    original = EpisodicModule.query_acc_before
+
+    def counted(self, episodes):
+        calls.append(self.global_step)
+        return original(self, episodes)
+
+    monkeypatch.setattr(EpisodicModule, "query_acc_before", counted)
+    run_with(
+        tmp_path,
+        data_root,
+        f"algo={algo}",
+        "logger=csv",
+        "test=false",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=3",
+    )
+    assert calls == [2, 5]  # the steps whose logs are written, before their outer update
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    logged = [(int(r["step"]), float(r["train/acc_pre"])) for r in rows if r["train/acc_pre"]]
+    assert [s for s, _ in logged] == [2, 5]
+    assert all(0.0 <= a <= 1.0 for _, a in logged)

@@ -99,8 +99,18 @@ class EpisodicModule(L.LightningModule):
     def before_outer_step(self) -> None:
         """Called with the meta-gradients in ``.grad``, before the optimizer steps."""
 
+    def logging_step(self) -> bool:
+        """Whether Lightning writes this training step's logs (``trainer.log_every_n_steps``).
+
+        Diagnostics that cost extra forward passes (``train/acc_pre``) are computed only then.
+        """
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
+
     def query_acc_before(self, episodes) -> torch.Tensor:
-        """Query accuracy of the un-adapted model (train/acc_pre).
+        """Mean query accuracy of the un-adapted model (train/acc_pre).
 
         Runs in eval mode so that inductive BatchNorm does not update its running statistics
         with these query batches (it normalises with them, as at test time; transductive
@@ -115,12 +125,15 @@ class EpisodicModule(L.LightningModule):
                         (self.model(qx).argmax(-1) == qy).float().mean()
                         for qx, qy in zip(episodes.query_x, episodes.query_y, strict=True)
                     ]
-                )
+                ).mean()
         finally:
             self.model.train(was_training)
 
     def log_train(self, **values) -> None:
+        """Log ``train/<key>`` per step; ``None`` values (not computed this step) are skipped."""
         for k, v in values.items():
+            if v is None:
+                continue
             self.log(
                 f"train/{k}",
                 v,

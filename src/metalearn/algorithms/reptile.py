@@ -118,7 +118,7 @@ class Reptile(EpisodicModule):
         )
 
     def training_step(self, episodes, batch_idx):
-        acc_pre = self.query_acc_before(episodes)
+        acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
         theta = {n: p.detach() for n, p in self.model.named_parameters()}
         shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
         losses, accs = [], []
@@ -139,7 +139,7 @@ class Reptile(EpisodicModule):
         self.log_train(
             loss=torch.stack(losses).mean(),
             acc=torch.stack(accs).mean(),
-            acc_pre=acc_pre.mean(),
+            acc_pre=acc_pre,
             epsilon=eps,
         )
 
