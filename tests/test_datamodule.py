@@ -194,3 +194,28 @@ def test_conf_yaml_instantiates(data_root, dataset):
     dm.setup()
     assert next(iter(dm.train_dataloader())).query_x.shape == (2, 75, 1, 28, 28)
     assert len(dm.val_dataloader()) == 8 and len(dm.test_dataloader()) == 24
+
+
+@pytest.mark.parametrize("device,on_cuda", [("cpu", False), ("cuda", True)])
+def test_auto_workers_and_pinning_only_when_training_on_cuda(data_root, device, on_cuda):
+    from types import SimpleNamespace
+
+    dm = make(data_root, num_workers="auto")
+    loader = dm.train_dataloader()  # no trainer attached: main process, not pinned
+    assert (loader.num_workers, loader.pin_memory) == (0, False)
+    dm.trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        current_epoch=0,
+        world_size=1,
+    )
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert loader.pin_memory is on_cuda
+        assert loader.num_workers == (2 if on_cuda else 0)
+        assert loader.persistent_workers is on_cuda
+    dm.num_workers = 3  # an explicit count wins
+    assert dm.train_dataloader().num_workers == 3
+
+
+def test_bad_num_workers_is_a_clear_error(data_root):
+    with pytest.raises(ConfigError, match="num_workers"):
+        make(data_root, num_workers="many")

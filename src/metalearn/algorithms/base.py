@@ -86,10 +86,15 @@ class EpisodicModule(L.LightningModule):
             )
 
     def outer_step(self, objective: torch.Tensor) -> None:
-        """One outer update: backward through Lightning (DDP-safe), then step the optimizer."""
+        """One outer update: backward through Lightning (DDP-safe), then step the optimizer.
+
+        A non-finite objective stops training here, before the step touches the weights. The
+        check comes after the backward, so that its host-device sync does not stall a GPU
+        that still has the forward queued (the meta-step is launch-bound)."""
         opt = self.optimizers()
         opt.zero_grad()
         self.manual_backward(objective)
+        self.check_finite(objective)
         self.before_outer_step()
         opt.step()
         sched = self.lr_schedulers()

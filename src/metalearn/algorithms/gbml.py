@@ -183,7 +183,6 @@ class GBML(EpisodicModule):
     def training_step(self, episodes, batch_idx):
         acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
         out = self.engine(self.model, self.train_loop(), episodes)
-        self.check_finite(out.objective)
         self.outer_step(out.objective)
         self.log_train(loss=out.loss.mean(), acc=out.acc.mean(), acc_pre=acc_pre)
         if self.inner_rates == "hypergradient":

@@ -54,7 +54,6 @@ class ProtoNet(EpisodicModule):
             losses.append(F.cross_entropy(logits, qy))
             accs.append(accuracy(logits.detach(), qy))
         loss = torch.stack(losses).mean()
-        self.check_finite(loss)
         self.outer_step(loss)
         self.log_train(loss=loss.detach(), acc=torch.stack(accs).mean())
 

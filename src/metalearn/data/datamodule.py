@@ -36,6 +36,7 @@ from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 
 EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
+AUTO_CUDA_WORKERS = 2  # data.num_workers=auto on a CUDA device
 
 
 class EpochSampler(Sampler[int]):
@@ -140,7 +141,7 @@ class EpisodeDataModule(L.LightningDataModule):
         eval_batch_size: int = 25,
         seed: int = 0,
         eval_seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         image_size: int = 28,
         rotations: bool = False,
         samples_per_class: int | None = None,
@@ -172,13 +173,14 @@ class EpisodeDataModule(L.LightningDataModule):
             seed=seed,
             eval_seed=eval_seed,
             split_seed=split_seed,
-            num_workers=num_workers,
             val_episodes=val_episodes,
             test_episodes=test_episodes,
         )
         for key, value in nonneg.items():
             if int(value) < 0:
                 raise ConfigError(f"data.{key}={value}: it must be 0 or more")
+        if num_workers != "auto" and (not str(num_workers).isdigit()):
+            raise ConfigError(f"data.num_workers={num_workers}: use 'auto' or an integer >= 0")
         if not 0 <= rank < world_size:
             raise ConfigError(f"data.rank={rank} must be in 0..world_size-1 ({world_size - 1})")
         # no save_hyperparameters(): keys like `name`/`seed` would clash with the algorithm's
@@ -186,7 +188,7 @@ class EpisodeDataModule(L.LightningDataModule):
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
         self.meta_batch_size, self.batches_per_epoch = int(meta_batch_size), int(batches_per_epoch)
         self.val_episodes, self.test_episodes = int(val_episodes), int(test_episodes)
-        self.eval_batch_size, self.num_workers = int(eval_batch_size), int(num_workers)
+        self.eval_batch_size, self.num_workers = int(eval_batch_size), num_workers
         self.seed, self.eval_seed, self.split_seed = int(seed), int(eval_seed), int(split_seed)
         self.image_size, self.rotations, self.download = int(image_size), rotations, download
         self.samples_per_class = samples_per_class
@@ -303,11 +305,26 @@ class EpisodeDataModule(L.LightningDataModule):
         return self._loader(self.eval_dataset("test"))
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        workers = self.workers()
         return DataLoader(
             dataset,
             batch_size=None,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.num_workers,
-            persistent_workers=False,
+            num_workers=workers,
+            persistent_workers=workers > 0,  # items are keyed by epoch: workers keep no state
+            pin_memory=self._on_cuda(),
         )
+
+    def workers(self) -> int:
+        """DataLoader workers. ``auto``: 2 when training on CUDA, where building batches in the
+        main process stalls the (launch-bound) meta-step; 0 on CPU, where workers would only
+        compete with training for the cores."""
+        if self.num_workers == "auto":
+            return AUTO_CUDA_WORKERS if self._on_cuda() else 0
+        return int(self.num_workers)
+
+    def _on_cuda(self) -> bool:
+        """Training on a CUDA device: batches are also pinned, so their copy is asynchronous."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
