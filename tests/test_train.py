@@ -40,6 +40,24 @@ def test_bad_config_raises_clear_error(tmp_path, data_root, overrides, message):
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["engine=vmap", "model.bn_mode=inductive"], "bn_mode=transductive"),
+        (["engine=func", "algo.inner_optimizer=adam"], "engine=higher"),
+        (["engine=higher", "algo.inner_optimizer=rmsprop"], "choose one of"),
+    ],
+)
+def test_unsupported_engine_is_refused_when_built(tmp_path, data_root, overrides, message):
+    from metalearn.train import build
+
+    cfg = compose_cfg(tmp_path, overrides)
+    with pytest.raises(ConfigError, match=message):  # at construction, not at the first step
+        build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
+    with pytest.raises(ConfigError, match=message):
+        run_with(tmp_path, data_root, *overrides)
+
+
 def test_unknown_algo_lists_choices(tmp_path):
     with pytest.raises(HydraException, match="Available options"):
         compose_cfg(tmp_path, ["algo=mamba"])

@@ -113,6 +113,7 @@ class GBML(EpisodicModule):
             n for n, _ in self.model.named_parameters() if adapt == "all" or n.startswith("head.")
         ]
         self.rates = nn.ParameterDict(self._init_rates())
+        engine.check(self.model, self.eval_loop())  # unsupported engine/model/optimizer: now
         if inner_rates == "hypergradient":  # outer rate beta and the last meta-gradient
             n_params = sum(p.numel() for p in self.model.parameters())
             dtype = next(self.model.parameters()).dtype

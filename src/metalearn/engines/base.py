@@ -4,7 +4,8 @@ An engine is the only place that knows how a differentiable inner loop is comput
 ``engine(model, loop, episodes) -> Adapted``: adapt a copy of the model's parameters on each
 episode's support set for ``loop.steps`` steps and score its query set. ``Adapted.objective``
 is the meta-objective (mean over tasks); one ``backward`` of it yields the meta-gradients of
-the model's parameters and of any learned inner-loop rates.
+the model's parameters and of any learned inner-loop rates. ``engine.check(model, loop)``
+raises ConfigError for what the engine cannot run (GBML calls it when it is built).
 
 Semantics shared by all engines (tests hold them to it):
 * second order: the query loss is differentiated through every inner update;

@@ -49,8 +49,12 @@ class FuncEngine:
 
     name = "func"
 
-    def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
+    def check(self, model, loop: InnerLoop) -> None:
+        """Raise ConfigError if this engine cannot run ``loop`` on ``model``."""
         check_sgd(loop, self.name)
+
+    def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
+        self.check(model, loop)
         forward = step_forward(model)
         params = dict(model.named_parameters())
 

@@ -12,6 +12,7 @@ import higher
 import torch
 
 from metalearn.engines.base import Adapted, InnerLoop, accuracy, cross_entropy
+from metalearn.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
@@ -24,7 +25,7 @@ def inner_optimizer(loop: InnerLoop, params: list) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=1.0, momentum=loop.momentum)
     if loop.optimizer == "adam":
         return torch.optim.Adam(groups, lr=1.0)
-    raise ValueError(f"algo.inner_optimizer={loop.optimizer!r}; choose one of {OPTIMIZERS}")
+    raise ConfigError(f"algo.inner_optimizer={loop.optimizer!r}; choose one of {OPTIMIZERS}")
 
 
 def sync_buffers(fmodel, model) -> None:
@@ -37,6 +38,13 @@ def sync_buffers(fmodel, model) -> None:
 
 class HigherEngine:
     name = "higher"
+
+    def check(self, model, loop: InnerLoop) -> None:
+        """Raise ConfigError if this engine cannot run ``loop`` on ``model``."""
+        if loop.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"algo.inner_optimizer={loop.optimizer!r}; choose one of {OPTIMIZERS}"
+            )
 
     def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
         named = dict(model.named_parameters())

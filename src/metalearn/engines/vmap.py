@@ -121,9 +121,13 @@ class VmapEngine:
         self._malloc_done = False
         self._auto: dict = {}
 
-    def __call__(self, model: nn.Module, loop: InnerLoop, episodes) -> Adapted:
+    def check(self, model: nn.Module, loop: InnerLoop) -> None:
+        """Raise ConfigError if this engine cannot run ``loop`` on ``model`` (see module doc)."""
         check_sgd(loop, self.name)
         check_vmappable(model)
+
+    def __call__(self, model: nn.Module, loop: InnerLoop, episodes) -> Adapted:
+        self.check(model, loop)
         cpu = episodes[0].device.type == "cpu"
         if self.tune_malloc and not self._malloc_done and cpu:
             self._malloc_done = True
