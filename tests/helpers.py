@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -29,7 +33,7 @@ def random_episodes(batch=2, ways=3, shots=2, queries=3, size=16, seed=1) -> Epi
     return Episodes(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
 
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "model.channels=8",
     "algo.meta_batch_size=2",
@@ -66,3 +70,59 @@ def reference_objective(net, params, episodes, steps, lr=0.3, first_order=False)
             fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
         total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
     return total / len(episodes.support_x)
+
+
+# ---- W&B offline runs, read back from the run's transaction log ---------------------------
+def wandb_records(path: Path):
+    """Records of a ``run-*.wandb`` file (LevelDB log format: 32 KiB blocks of chunks with a
+    7-byte header crc32/length/type, after a 7-byte ':W&B' file header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding to the end of the block
+            pos += left - 7 - length
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    (log,) = run_dir.glob("run-*.wandb")
+    run, config, summary, exit_code = None, {}, {}, None
+    for rec in wandb_records(log):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run = rec.run
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "exit":
+            exit_code = rec.exit.exit_code
+        elif kind == "summary":
+            summary.update(
+                {
+                    "/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                    for i in rec.summary.update
+                }
+            )
+    return {
+        "id": run.run_id,
+        "group": run.run_group,
+        "job_type": run.job_type,
+        "tags": list(run.tags),
+        "name": run.display_name,
+        "config": config,
+        "summary": summary,
+        "exit_code": exit_code,
+    }

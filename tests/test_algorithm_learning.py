@@ -10,15 +10,13 @@ machine two threads per process were up to eight times slower).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from metalearn.train import run
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = [
     "model.channels=32",
     "queries=5",

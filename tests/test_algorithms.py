@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -33,9 +32,8 @@ from metalearn.engines.higher import HigherEngine
 from metalearn.errors import ConfigError
 from metalearn.models.conv4 import StepNorm
 from metalearn.train import run
-from tests.helpers import random_episodes, reference_objective, tiny_net
+from tests.helpers import REPO, random_episodes, reference_objective, tiny_net
 
-REPO = Path(__file__).resolve().parents[1]
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine()}
 VARIANTS = [
     "maml",

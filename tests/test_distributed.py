@@ -24,8 +24,8 @@ from torch.utils.data import Dataset
 from metalearn.data.datamodule import EpisodeDataModule, TrainMetaBatches
 from metalearn.data.episodes import Episodes
 from metalearn.errors import ConfigError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_REPTILE = (REPO / "conf" / "algo" / "reptile.yaml").exists()
 ALGOS = ["maml", "fomaml"] + (["reptile"] if HAS_REPTILE else [])
 # Reptile: the whole task per inner step (its minibatches are seeded by the rank-local task

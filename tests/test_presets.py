@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf.errors import InterpolationKeyError
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def compose(*overrides: str):
@@ -68,6 +66,17 @@ def test_ff15_quickdraw_20_samples_switches_lrs_and_batch():
     assert cfg.data.meta_batch_size == 10  # the data module follows the algorithm
     with pytest.raises(InterpolationKeyError, match="ff15.50"):
         _ = compose("experiment=ff15_quickdraw", "data.samples_per_class=50").algo.inner_lr
+
+
+def test_ff15_quickdraw_other_sample_count_is_a_clear_error(tmp_path):
+    from metalearn.errors import ConfigError
+    from metalearn.train import run
+
+    cfg = compose("experiment=ff15_quickdraw", "data.samples_per_class=50")
+    cfg.output_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="data.samples_per_class=100 or 20"):
+        run(cfg)
+    assert '"status": "failed"' in (tmp_path / "metrics.json").read_text()
 
 
 def test_ff15_quickdraw_class_split(data_root):

@@ -12,8 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from metalearn.show_episode import render_episode
+from tests.helpers import REPO
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = REPO / "conf"
 
 
 def minimal_cfg(data_root, dataset: str, out: Path, **top):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from metalearn.report import report
+from tests.helpers import REPO, read_offline_run
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "model.channels=8",
     "algo.meta_batch_size=2",
@@ -117,59 +116,6 @@ def test_report_on_the_real_sweep(sweep, tmp_path):
     assert "shots+queries" in md
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
     assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
-
-
-# ---- W&B offline runs, read back from the run's transaction log ---------------------------
-def wandb_records(path: Path):
-    """Records of a ``run-*.wandb`` file (LevelDB log format: 32 KiB blocks of chunks with a
-    7-byte header crc32/length/type, after a 7-byte ':W&B' file header)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0:  # zero padding to the end of the block
-            pos += left - 7 - length
-            continue
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):  # FULL or LAST
-            record = pb.Record()
-            record.ParseFromString(pending)
-            yield record
-
-
-def read_offline_run(run_dir: Path) -> dict:
-    (log,) = run_dir.glob("run-*.wandb")
-    run, config, summary = None, {}, {}
-    for rec in wandb_records(log):
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run = rec.run
-        elif kind == "config":
-            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
-        elif kind == "summary":
-            summary.update(
-                {
-                    "/".join(i.nested_key) or i.key: json.loads(i.value_json)
-                    for i in rec.summary.update
-                }
-            )
-    return {
-        "id": run.run_id,
-        "group": run.run_group,
-        "job_type": run.job_type,
-        "tags": list(run.tags),
-        "name": run.display_name,
-        "config": config,
-        "summary": summary,
-    }
 
 
 def test_each_job_is_one_offline_wandb_run(sweep):

@@ -16,7 +16,7 @@ from hydra.errors import HydraException
 
 from metalearn.errors import ConfigError, DataError, NonFiniteLossError
 from metalearn.train import run
-from tests.helpers import REPO, compose_cfg
+from tests.helpers import REPO, compose_cfg, read_offline_run
 
 
 def run_with(tmp_path, data_root, *overrides):
@@ -96,6 +96,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_root):
     for k, v in before["state_dict"].items():
         assert torch.equal(after["state_dict"][k], v), k
     assert all(torch.isfinite(v).all() for v in after["state_dict"].values())
+
+
+def test_failed_job_marks_its_wandb_run_failed(tmp_path, data_root):
+    with pytest.raises(NonFiniteLossError):
+        run_with(tmp_path, data_root, "logger=wandb", "algo.inner_lr=1e30")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert read_offline_run(run_dir)["exit_code"] == 1
+    run_with(tmp_path / "ok", data_root, "logger=wandb", "test=false")
+    (run_dir,) = (tmp_path / "ok" / "wandb").glob("offline-run-*")
+    assert read_offline_run(run_dir)["exit_code"] == 0
 
 
 def test_resume_is_exact(tmp_path, data_root):

@@ -8,6 +8,7 @@ from metalearn.errors import ConfigError
 
 
 def validate_config(cfg: DictConfig) -> None:
+    check_preset_rows(cfg)
     for key in ("ways", "shots", "queries"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer, e.g. {key}=5")
@@ -20,4 +21,20 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.inference_mode must be false: adaptation at validation/test needs "
             "gradients (set trainer.inference_mode=false)"
+        )
+
+
+def check_preset_rows(cfg: DictConfig) -> None:
+    """experiment=ff15_quickdraw picks its rates by data.samples_per_class from a table; any
+    other value would surface as an interpolation error deep in the config."""
+    table = cfg.get("ff15")
+    if table is None:
+        return
+    rows = [k for k in table if k != "selected"]
+    value = cfg.data.get("samples_per_class")
+    if str(value) not in rows:
+        raise ConfigError(
+            f"experiment=ff15_quickdraw has settings for data.samples_per_class in "
+            f"{{{', '.join(rows)}}}, not {value}: set data.samples_per_class="
+            f"{' or '.join(rows)} (the report's two settings)"
         )

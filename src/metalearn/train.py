@@ -52,11 +52,12 @@ def run(cfg: DictConfig) -> dict:
     start = time.time()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("print_config", True):
-        print_config_tree(cfg)
-    metrics, loggers = {**run_info(cfg), "status": "running"}, []
+    metrics, loggers = {"status": "running"}, []
     try:
         checks.validate_config(cfg)
+        metrics = {**run_info(cfg), **metrics}
+        if cfg.get("print_config", True):
+            print_config_tree(cfg)
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build(cfg.data)
         datamodule.setup()  # raises ConfigError/DataError before anything is trained
@@ -83,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         write_metrics(out, metrics)
-        finish_loggers(loggers)
+        finish_loggers(loggers, failed=metrics.get("status") == "failed")
     return metrics
 
 

@@ -26,13 +26,14 @@ def print_config_tree(cfg: DictConfig) -> None:
     rich.print(tree)
 
 
-def finish_loggers(loggers) -> None:
-    """Close W&B runs so the next job of a sweep starts a fresh run."""
+def finish_loggers(loggers, failed: bool = False) -> None:
+    """Close W&B runs so the next job of a sweep starts a fresh run; a failed job's run is
+    marked failed (exit code 1), so W&B's run table shows it."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers or []:
         if isinstance(logger, WandbLogger):  # incl. metalearn.loggers.SweepWandbLogger
             import wandb
 
-            logger.finalize("success")
-            wandb.finish()
+            logger.finalize("failed" if failed else "success")
+            wandb.finish(exit_code=1 if failed else 0)

@@ -21,7 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn.algorithms.base import EpisodicModule
-from metalearn.algorithms.fitting import OPTIMIZERS, accuracy, fit
+from metalearn.algorithms.fitting import check_optimizer, fit
+from metalearn.engines.base import accuracy
 from metalearn.errors import ConfigError
 
 HEAD = ("head.weight", "head.bias")
@@ -44,10 +45,7 @@ class FineTune(EpisodicModule):
         inner_optimizer: str = "adam",
         finetune_all: bool = False,
     ):
-        if inner_optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"algo.inner_optimizer={inner_optimizer!r}; choose one of {OPTIMIZERS}"
-            )
+        check_optimizer(inner_optimizer)
         if batch_size < 1 or inner_steps_test < 1:
             raise ConfigError("algo.batch_size and algo.inner_steps_test must be >= 1")
         super().__init__(model, optimizer, name, meta_batch_size)

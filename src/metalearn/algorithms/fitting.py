@@ -14,14 +14,18 @@ OPTIMIZERS = ("sgd", "momentum", "adam")
 Forward = Callable[[dict, torch.Tensor], torch.Tensor]  # (params, x) -> logits
 
 
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"algo.inner_optimizer={name!r}; choose one of {OPTIMIZERS}")
+
+
 def make_optimizer(name: str, params: list, lr: float, adam_beta1: float = 0.9):
+    check_optimizer(name)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(adam_beta1, 0.999))
-    raise ConfigError(f"algo.inner_optimizer={name!r}; choose one of {OPTIMIZERS}")
+    return torch.optim.Adam(params, lr=lr, betas=(adam_beta1, 0.999))
 
 
 def fit(
@@ -47,7 +51,3 @@ def fit(
         loss.backward()
         opt.step()
     return {n: p.detach() for n, p in fast.items()}, loss.detach()
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == y).float().mean()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from metalearn.algorithms.base import EpisodicModule
-from metalearn.algorithms.fitting import accuracy
+from metalearn.engines.base import accuracy
 
 
 def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
