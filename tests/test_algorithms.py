@@ -55,10 +55,10 @@ def gbml(engine="higher", lr=0.01, optimizer=torch.optim.Adam, **kw) -> GBML:
     return GBML(partial(tiny_net), ENGINES[engine], partial(optimizer, lr=lr), **kw)
 
 
-def fit(module, episodes, steps=1, max_steps=None) -> L.Trainer:
-    """``steps`` outer steps of ``module`` through a real Trainer, on the same episodes."""
-    trainer = L.Trainer(
-        max_steps=max_steps or steps,
+def cpu_trainer(max_steps: int) -> L.Trainer:
+    """A quiet CPU Trainer: no logger, checkpoints, progress bar or validation."""
+    return L.Trainer(
+        max_steps=max_steps,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -68,6 +68,11 @@ def fit(module, episodes, steps=1, max_steps=None) -> L.Trainer:
         inference_mode=False,
         limit_val_batches=0,
     )
+
+
+def fit(module, episodes, steps=1, max_steps=None) -> L.Trainer:
+    """``steps`` outer steps of ``module`` through a real Trainer, on the same episodes."""
+    trainer = cpu_trainer(max_steps or steps)
     trainer.fit(module, train_dataloaders=DataLoader([episodes] * steps, batch_size=None))
     return trainer
 
@@ -511,18 +516,7 @@ def test_finetune_pretrains_on_global_class_labels():
     assert x.shape == (16, 1, 16, 16) and y.max() < 7
     torch.testing.assert_close((x[:, 0, 0, 0] * 255).round().long() // 10, y)
     before = params(module.model)
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
+    cpu_trainer(2).fit(module, datamodule=data)
     assert module.classifier.out_features == 7
     assert not torch.equal(
         before["blocks.0.conv.weight"], params(module.model)["blocks.0.conv.weight"]

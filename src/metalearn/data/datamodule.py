@@ -124,6 +124,12 @@ class FixedEpisodes(Dataset):
         return materialise(self.images, EpisodeIndices(*(a[part] for a in self.index)), self.shots)
 
 
+def at_least(minimum: int, **values) -> None:
+    for key, value in values.items():
+        if int(value) < minimum:
+            raise ConfigError(f"data.{key}={value}: it must be at least {minimum}")
+
+
 class EpisodeDataModule(L.LightningDataModule):
     """Few-shot episodes of dataset `name` (see `metalearn.data.sources.SOURCES`)."""
 
@@ -156,7 +162,8 @@ class EpisodeDataModule(L.LightningDataModule):
         super().__init__()
         if name not in SOURCES:
             raise ConfigError(f"data.name={name!r} is unknown: choose one of {sorted(SOURCES)}")
-        positive = dict(
+        at_least(
+            1,
             ways=ways,
             shots=shots,
             queries=queries,
@@ -166,19 +173,14 @@ class EpisodeDataModule(L.LightningDataModule):
             image_size=image_size,
             world_size=world_size,
         )
-        for key, value in positive.items():
-            if int(value) < 1:
-                raise ConfigError(f"data.{key}={value}: it must be at least 1")
-        nonneg = dict(
+        at_least(
+            0,
             seed=seed,
             eval_seed=eval_seed,
             split_seed=split_seed,
             val_episodes=val_episodes,
             test_episodes=test_episodes,
         )
-        for key, value in nonneg.items():
-            if int(value) < 0:
-                raise ConfigError(f"data.{key}={value}: it must be 0 or more")
         if num_workers != "auto" and (not str(num_workers).isdigit()):
             raise ConfigError(f"data.num_workers={num_workers}: use 'auto' or an integer >= 0")
         if not 0 <= rank < world_size:
