@@ -88,9 +88,11 @@ def say(*args) -> None:
 
 # ---- the baseline: a bare torch.func loop ----------------------------------------------------
 def bare_meta_step(
-    model, opt, episodes, steps: int, first_order: bool, lr: float = INNER_LR
+    model, opt, episodes, steps: int, first_order: bool, lr: float = INNER_LR, marks=None
 ) -> float:
-    """One meta-step of plain MAML, written out: the ratios' baseline."""
+    """One meta-step of plain MAML, written out: the ratios' baseline. ``marks`` (a list)
+    receives host-clock times after the forward and after the backward."""
+    marks = [] if marks is None else marks
     params = dict(model.named_parameters())
     opt.zero_grad(set_to_none=True)
     total = 0.0
@@ -102,18 +104,25 @@ def bare_meta_step(
             fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
         total = total + F.cross_entropy(functional_call(model, fast, (qx,)), qy)
     objective = total / len(episodes.support_x)
+    marks.append(time.perf_counter())
     objective.backward()
+    marks.append(time.perf_counter())
     opt.step()
     return objective.item()
 
 
-def engine_meta_step(engine, model, opt, episodes, steps: int, first_order: bool) -> float:
+def engine_meta_step(
+    engine, model, opt, episodes, steps: int, first_order: bool, marks=None
+) -> float:
+    marks = [] if marks is None else marks
     loop = InnerLoop(
         steps, lambda n, t: INNER_LR, [n for n, _ in model.named_parameters()], first_order
     )
     opt.zero_grad(set_to_none=True)
     out = engine(model, loop, episodes)
+    marks.append(time.perf_counter())
     out.objective.backward()
+    marks.append(time.perf_counter())
     opt.step()
     return out.objective.item()
 
@@ -138,11 +147,13 @@ class Runner:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=OUTER_LR)
         self.engine = None if name == "loop" else make_engine(name, malloc)
 
-    def __call__(self, episodes) -> float:
+    def __call__(self, episodes, marks=None) -> float:
         if self.engine is None:
-            return bare_meta_step(self.model, self.opt, episodes, self.steps, self.first_order)
+            return bare_meta_step(
+                self.model, self.opt, episodes, self.steps, self.first_order, marks=marks
+            )
         return engine_meta_step(
-            self.engine, self.model, self.opt, episodes, self.steps, self.first_order
+            self.engine, self.model, self.opt, episodes, self.steps, self.first_order, marks
         )
 
 
@@ -261,6 +272,19 @@ def relative_grad_diffs(runners) -> dict:
 
 
 # ---- 2. framework overhead: Lightning step vs bare step, interleaved ------------------------
+PHASES = ("between", "forward", "backward", "step")
+
+
+def phases(marks: list[float]) -> dict:
+    """ms per phase from 5 host-clock marks: step start (the previous step's end), forward
+    start, backward start, backward end, step end (after a device sync). ``between`` is the
+    loop's own work before the forward: fetching and moving the batch, hooks; ``step`` is
+    the optimizer, logging and the wait for the device."""
+    if len(marks) != 5:  # a hook did not fire (e.g. no backward): leave the step out
+        return dict.fromkeys(PHASES, float("nan"))
+    return {k: 1e3 * (b - a) for k, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)}
+
+
 def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
     import lightning as L
 
@@ -296,27 +320,50 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
         )
 
         class Interleave(L.Callback):
-            """After each Lightning step, a bare step on the same meta-batch; time both."""
+            """After each Lightning step, a bare step on the same meta-batch; time both, and
+            split each into phases by host-clock marks (no extra syncs): Lightning's at its
+            hooks, the bare step's after its forward and its backward."""
 
             def __init__(self):
                 self.mark, self.bare_ms, self.lightning_ms = None, [], []
+                self.hooks: list[float] = []
+                self.phases = {"lightning": [], "bare": []}
+
+            def on_train_batch_start(self, *_):
+                self.hooks = [time.perf_counter()]
+
+            def on_before_backward(self, *_):
+                self.hooks.append(time.perf_counter())
+
+            on_after_backward = on_before_backward
 
             def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
                 sync(args.device)
                 now = time.perf_counter()
                 if self.mark is not None:  # previous bare step's end -> this Lightning step's end
                     self.lightning_ms.append(1e3 * (now - self.mark))
-                bare(batch)
+                    self.phases["lightning"].append(phases([self.mark, *self.hooks, now]))
+                marks = [now]
+                bare(batch, marks)
                 sync(args.device)
                 self.mark = time.perf_counter()
                 self.bare_ms.append(1e3 * (self.mark - now))
+                self.phases["bare"].append(phases([now, now, *marks[1:], self.mark]))
 
         timer = Interleave()
         trainer = build(cfg.trainer, logger=False, callbacks=[timer], default_root_dir=out)
         trainer.fit(algo, datamodule=dm)
     skip = max(args.warmup, 1)
     light, bare_ms = timer.lightning_ms[skip - 1 :], timer.bare_ms[skip:]
+    median_phases = {
+        side: {k: statistics.median(p[k] for p in rows) for k in PHASES}
+        for side, rows in (
+            ("lightning", timer.phases["lightning"][skip - 1 :]),
+            ("bare", timer.phases["bare"][skip:]),
+        )
+    }
     return {
+        "phases_ms": median_phases,
         "engine": engine,
         "bare": bare_name,
         "order": "first" if first_order else "second",
@@ -467,10 +514,13 @@ def machine(device: str) -> dict:
 
 def overhead_line(o: dict) -> str:
     bare = "bare torch.func loop" if o["bare"] == "loop" else f"bare {o['bare']} engine step"
+    ph = o["phases_ms"]
+    split = ", ".join(f"{k} {ph['lightning'][k]:.1f}/{ph['bare'][k]:.1f}" for k in PHASES)
     return (
         f"overhead ({o['order']}-order, engine={o['engine']}): Lightning step "
         f"{o['lightning_median_ms']:.1f} ms / {bare} {o['bare_median_ms']:.1f} ms = "
-        f"{o['overhead']:.3f} (target <= 1.10)"
+        f"{o['overhead']:.3f} (target <= 1.10)\n"
+        f"    phases, median ms Lightning/bare: {split}"
     )
 
 
