@@ -1,0 +1,45 @@
+"""bench/meta_step.py runs end to end (tiny sizes) and reports what RESULTS.md is built from."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+
+def test_meta_step_benchmark_smoke(data_root):
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
+    args = "--steps 2 --warmup 0 --settings ff15 --meta-batch 2 --engines loop,func,vmap"
+    args += " --orders first,second --overhead-engines vmap --overhead-orders first"
+    args += " --memory-engines vmap --memory-steps 1 --memory-settings ff15 --threads 1 --json"
+    proc = subprocess.run(
+        [sys.executable, "bench/meta_step.py", *args.split()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ff15 = json.loads(proc.stdout)["settings"]["ff15"]
+    for order in ("first", "second"):
+        rows = ff15["time"][order]
+        assert rows["loop"]["vs_loop"] == 1.0
+        assert rows["func"]["grad_rel_diff"] < 1e-6  # the same computation as the loop
+        assert rows["vmap"]["grad_rel_diff"] < 1e-3  # float32 rounding only
+    (overhead,) = ff15["overhead"]
+    assert overhead["overhead"] > 0
+    for side in ("lightning", "bare"):
+        phases = overhead["phases_ms"][side]
+        assert set(phases) == {"between", "forward", "backward", "step"}
+        assert all(math.isfinite(v) and v >= 0 for v in phases.values())
+    assert {(m["order"], m["inner_steps"]) for m in ff15["memory"]} == {
+        ("first", 1),
+        ("second", 1),
+    }
+    assert all(m["peak_mb"] > 0 for m in ff15["memory"])
+    assert ff15["data"]["produced_over_consumed"] > 1
