@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn.algorithms.base import EpisodicModule
-from metalearn.algorithms.fitting import check_optimizer, fit
-from metalearn.engines.base import accuracy
+from metalearn.algorithms.fitting import fit
+from metalearn.engines.base import accuracy, check_inner_optimizer
 from metalearn.errors import ConfigError
 
 HEAD = ("head.weight", "head.bias")
@@ -45,7 +45,7 @@ class FineTune(EpisodicModule):
         inner_optimizer: str = "adam",
         finetune_all: bool = False,
     ):
-        check_optimizer(inner_optimizer)
+        check_inner_optimizer(inner_optimizer)
         if batch_size < 1 or inner_steps_test < 1:
             raise ConfigError("algo.batch_size and algo.inner_steps_test must be >= 1")
         super().__init__(model, optimizer, name, meta_batch_size)

@@ -8,19 +8,13 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from metalearn.errors import ConfigError
+from metalearn.engines.base import check_inner_optimizer
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
 Forward = Callable[[dict, torch.Tensor], torch.Tensor]  # (params, x) -> logits
 
 
-def check_optimizer(name: str) -> None:
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"algo.inner_optimizer={name!r}; choose one of {OPTIMIZERS}")
-
-
 def make_optimizer(name: str, params: list, lr: float, adam_beta1: float = 0.9):
-    check_optimizer(name)
+    check_inner_optimizer(name)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "momentum":

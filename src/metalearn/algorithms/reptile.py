@@ -20,8 +20,8 @@ import torch
 from torch.func import functional_call
 
 from metalearn.algorithms.base import EpisodicModule
-from metalearn.algorithms.fitting import check_optimizer, fit
-from metalearn.engines.base import accuracy
+from metalearn.algorithms.fitting import fit
+from metalearn.engines.base import accuracy, check_inner_optimizer
 from metalearn.errors import ConfigError
 
 TASK_DATA = ("all", "support")
@@ -50,7 +50,7 @@ class Reptile(EpisodicModule):
         task_data: str = "all",
         seed: int = 0,
     ):
-        check_optimizer(inner_optimizer)
+        check_inner_optimizer(inner_optimizer)
         if task_data not in TASK_DATA:
             raise ConfigError(f"algo.task_data={task_data!r}; choose one of {TASK_DATA}")
         if inner_steps < 1 or inner_steps_test < 1:

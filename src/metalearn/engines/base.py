@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metalearn.errors import ConfigError
+
 Rate = Callable[[str, int], "torch.Tensor | float"]
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def check_inner_optimizer(name: str) -> None:
+    if name not in INNER_OPTIMIZERS:
+        raise ConfigError(f"algo.inner_optimizer={name!r}; choose one of {INNER_OPTIMIZERS}")
 
 
 @dataclass

@@ -11,21 +11,23 @@ from __future__ import annotations
 import higher
 import torch
 
-from metalearn.engines.base import Adapted, InnerLoop, accuracy, cross_entropy
-from metalearn.errors import ConfigError
-
-OPTIMIZERS = ("sgd", "momentum", "adam")
+from metalearn.engines.base import (
+    Adapted,
+    InnerLoop,
+    accuracy,
+    check_inner_optimizer,
+    cross_entropy,
+)
 
 
 def inner_optimizer(loop: InnerLoop, params: list) -> torch.optim.Optimizer:
+    check_inner_optimizer(loop.optimizer)
     groups = [{"params": [p]} for p in params]  # one group per tensor: per-tensor rates
     if loop.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=1.0)
     if loop.optimizer == "momentum":
         return torch.optim.SGD(groups, lr=1.0, momentum=loop.momentum)
-    if loop.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=1.0)
-    raise ConfigError(f"algo.inner_optimizer={loop.optimizer!r}; choose one of {OPTIMIZERS}")
+    return torch.optim.Adam(groups, lr=1.0)
 
 
 def sync_buffers(fmodel, model) -> None:
@@ -41,10 +43,7 @@ class HigherEngine:
 
     def check(self, model, loop: InnerLoop) -> None:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model``."""
-        if loop.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"algo.inner_optimizer={loop.optimizer!r}; choose one of {OPTIMIZERS}"
-            )
+        check_inner_optimizer(loop.optimizer)
 
     def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
         named = dict(model.named_parameters())
