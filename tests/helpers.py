@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -98,10 +99,24 @@ def wandb_records(path: Path):
             yield record
 
 
-def read_offline_run(run_dir: Path) -> dict:
+def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
+    """The records of an offline W&B run. ``wandb.finish()`` can return before W&B's writer
+    process has flushed the file, so wait (up to ``timeout`` s) for its exit record."""
     (log,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+
+    def complete() -> list | None:
+        try:
+            records = list(wandb_records(log))
+        except Exception:  # a file still being written: header or last record incomplete
+            return None
+        return records if any(r.WhichOneof("record_type") == "exit" for r in records) else None
+
+    while (records := complete()) is None:
+        assert time.monotonic() < deadline, f"{log} has no exit record after {timeout} s"
+        time.sleep(0.2)
     run, config, summary, exit_code = None, {}, {}, None
-    for rec in wandb_records(log):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run = rec.run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -264,6 +265,31 @@ def test_cosine_schedule_start_middle_end():
     assert lrs[10] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert not isinstance(at_epoch(gbml()).configure_optimizers(), dict)  # cosine off
+
+
+def test_cosine_schedule_resumed_with_more_steps_ends_at_min_lr():
+    def schedule(max_steps):
+        module = at_epoch(gbml(lr=1e-2, cosine=True, min_lr=1e-4), max_steps=max_steps)
+        conf = module.configure_optimizers()
+        return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+    opt, sched = schedule(4)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    state = opt.state_dict(), sched.state_dict()
+    opt, sched = schedule(8)  # resumed with trainer.max_steps=8, as Lightning restores it
+    opt.load_state_dict(state[0])
+    sched.load_state_dict(state[1])
+    lrs = []
+    for _ in range(8):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    step3 = 1e-4 + (1e-2 - 1e-4) * 0.5 * (1 + math.cos(math.pi * 3 / 8))
+    assert lrs[0] == pytest.approx(step3)  # on the 8-step curve, not a new cosine period
+    assert lrs[5] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(1e-4)  # then flat
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
 # ---- ANIL----------------------------------------------------------------------------------------
@@ -534,6 +560,22 @@ def test_finetune_fits_a_fresh_head_per_episode(finetune_all):
     with torch.no_grad():
         module.model.head.weight.add_(5.0)  # the trained head plays no part
     torch.testing.assert_close(module.evaluate(eps), accs)
+
+
+@pytest.mark.parametrize("finetune_all", [False, True])
+def test_finetune_fit_separates_the_support_set(finetune_all):
+    # Scored on its own support set, a fitted head is right on every image; an unfitted
+    # (zero) head ties on all classes and scores 1/ways.
+    module = FineTune(
+        tiny_net(channels=8),  # 8 features: 9 support images are separable
+        partial(torch.optim.Adam, lr=1e-2),
+        inner_lr=0.1,
+        inner_steps_test=50,
+        finetune_all=finetune_all,
+    )
+    eps = random_episodes(shots=3)
+    on_support = Episodes(eps.support_x, eps.support_y, eps.support_x, eps.support_y)
+    torch.testing.assert_close(module.evaluate(on_support), torch.ones(2))
 
 
 # ---- every variant composes and runs on real data------------------------------------------------

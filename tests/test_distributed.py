@@ -237,3 +237,59 @@ def test_meta_batch_must_divide_over_ranks(tmp_path):
     with pytest.raises(Exception, match="divide evenly") as err:
         instantiate(cfg.trainer)
     assert isinstance(err.value, ConfigError) or isinstance(err.value.__cause__, ConfigError)
+
+
+NAN_ON_RANK_1 = """
+import sys
+import hydra
+sys.path.insert(0, {repo!r})
+import metalearn.pool  # noqa: F401
+from metalearn.algorithms.base import EpisodicModule
+
+outer_step = EpisodicModule.outer_step
+
+
+def nan_on_rank_1(self, objective):
+    if self.global_rank == 1 and self.global_step == 2:
+        objective = objective * float("nan")
+    return outer_step(self, objective)
+
+
+EpisodicModule.outer_step = nan_on_rank_1
+
+
+@hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")
+def main(cfg):
+    from metalearn.train import main as run_main
+
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("algo", ["maml", pytest.param("reptile", marks=NO_REPTILE)])
+def test_nan_on_one_rank_stops_every_rank_before_the_step(algo, tmp_path, data_root):
+    # Rank 1's loss turns NaN at step 2 (epoch 1); rank 0's stays finite. Both must stop with
+    # NonFiniteLossError (no hang, no rank stepping with NaN-averaged gradients), and the
+    # checkpoint of epoch 0 must stay as it was.
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1.format(repo=str(REPO), conf=str(REPO / "conf")))
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(script),
+        *ddp_command(f"algo={algo}", *EXTRA.get(algo, []), f"hydra.run.dir={run_dir}")[2:],
+    ]
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+    assert metrics["error"].startswith("NonFiniteLossError"), metrics["error"]
+    assert "another DDP rank" in metrics["error"]  # rank 0 writes metrics.json
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())

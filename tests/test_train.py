@@ -108,19 +108,52 @@ def test_failed_job_marks_its_wandb_run_failed(tmp_path, data_root):
     assert read_offline_run(run_dir)["exit_code"] == 0
 
 
-def test_resume_is_exact(tmp_path, data_root):
-    common = ["data.batches_per_epoch=3", "test=false"]
+@pytest.mark.parametrize(
+    ("algo", "stop", "new_dir"),
+    [
+        ("maml", 3, False),  # at an epoch boundary, into the same run directory
+        # mid-epoch (the loader restarts; batches are keyed by step), into a new directory,
+        # with MAML++'s epoch-dependent multi-step loss and derivative-order annealing,
+        # learned per-step rates and per-step BatchNorm
+        ("maml_pp", 4, True),
+    ],
+)
+def test_resume_is_exact(tmp_path, data_root, algo, stop, new_dir):
+    common = [f"algo={algo}", "data.batches_per_epoch=3", "test=false"]
+    if algo == "maml_pp":
+        common += ["algo.cosine=false", "algo.msl_epochs=2", "algo.da_epochs=1"]
     run_with(tmp_path / "straight", data_root, *common, "trainer.max_steps=6")
-    run_with(tmp_path / "resumed", data_root, *common, "trainer.max_steps=3")
-    first = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    run_with(tmp_path / "resumed", data_root, *common, "trainer.max_steps=6", f"ckpt_path={first}")
+    run_with(tmp_path / "first", data_root, *common, f"trainer.max_steps={stop}")
+    first = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(first, map_location="cpu", weights_only=False)["global_step"] == stop
+    resumed = tmp_path / ("resumed" if new_dir else "first")
+    run_with(resumed, data_root, *common, "trainer.max_steps=6", f"ckpt_path={first}")
     a = params_of(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    b = params_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    b = params_of(resumed / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    hist = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["curve"]
+    hist = json.loads((resumed / "metrics.json").read_text())["curve"]
     assert [h["epoch"] for h in hist] == [0, 1]
+
+
+def test_resume_in_a_new_directory_keeps_the_earlier_best(tmp_path, data_root):
+    # Resumed with no inner adaptation, validation falls to chance: the earlier run's best
+    # checkpoint must stay the best and be the one tested.
+    first = run_with(tmp_path / "first", data_root, "data.batches_per_epoch=2", "test=false")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    metrics = run_with(
+        tmp_path / "resumed",
+        data_root,
+        "data.batches_per_epoch=2",
+        "trainer.max_steps=4",
+        "algo.inner_lr=0",
+        f"ckpt_path={ckpt}",
+    )
+    accs = [h["val/acc"] for h in metrics["curve"]]
+    assert len(accs) == 2 and accs[1] < accs[0]
+    assert metrics["best_checkpoint"] == first["best_checkpoint"]
+    assert metrics["val/acc_best"] == accs[0]
 
 
 def test_metrics_json_has_contract_keys(tmp_path, data_root):

@@ -88,9 +88,26 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that remembers the best score when a run resumes in a new directory.
+
+    ``python train.py ckpt_path=<old run>/checkpoints/last.ckpt`` writes to a new run directory;
+    Lightning would then forget the best score, and the first validation after resuming would
+    become "best" however bad it is. Here the earlier best (score and file) stays the one to
+    beat and, if nothing beats it, the one tested. Lightning never deletes checkpoints outside
+    its own directory, so the earlier run's files stay as they are.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        best = state_dict.get("best_model_path")
+        if best and Path(best).is_file():
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+        super().load_state_dict(state_dict)
+
+
 def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
     """The best checkpoint by ``val/acc`` and ``last.ckpt``, rewritten after every epoch."""
-    best = ModelCheckpoint(
+    best = BestCheckpoint(
         dirpath=dirpath,
         monitor="val/acc",
         mode="max",

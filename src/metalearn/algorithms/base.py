@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import lightning as L
 import torch
@@ -24,6 +25,14 @@ def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
     n = accs.numel()
     std = accs.std(unbiased=True).item() if n > 1 else 0.0
     return accs.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+def cosine_factor(step: int, total: int, base: float, min_lr: float = 0.0) -> float:
+    """Cosine annealing from ``base`` at step 0 to ``min_lr`` at ``total``, then flat."""
+    if base <= 0:
+        return 1.0
+    t = min(step, total) / total
+    return (min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))) / base
 
 
 class EpisodicModule(L.LightningModule):
@@ -66,7 +75,15 @@ class EpisodicModule(L.LightningModule):
         opt = self.optimizer_factory(self.outer_parameters())
         if not self.cosine:
             return opt
-        steps = max(
+        return self.annealed(opt, partial(cosine_factor, min_lr=self.min_lr))
+
+    def annealed(self, opt, factor: Callable[..., float]) -> dict:
+        """``opt`` with a per-step schedule: lr = base lr * factor(step, total=, base=).
+
+        ``total`` is ``trainer.max_steps`` as it is now. A ``LambdaLR`` keeps no total in its
+        state, so resuming with a larger ``max_steps`` stretches the schedule to the new end
+        instead of restarting a cosine period."""
+        total = max(
             1,
             int(
                 self.trainer.max_steps
@@ -74,13 +91,22 @@ class EpisodicModule(L.LightningModule):
                 else self.trainer.estimated_stepping_batches
             ),
         )
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=self.min_lr)
+        factors = [partial(factor, total=total, base=g["lr"]) for g in opt.param_groups]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
+        """Raise NonFiniteLossError on a non-finite loss. Under DDP every rank raises when any
+        rank's loss is non-finite (one all-reduce): a rank that stepped alone would apply
+        NaN-averaged gradients, or wait forever in the next collective."""
+        finite = bool(torch.isfinite(loss).all())
+        everywhere = finite
+        if self._trainer is not None and self.trainer.world_size > 1:
+            everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not everywhere:
+            what = f"({loss.item()})" if not finite else "on another DDP rank"
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; the "
+                f"non-finite training loss {what} at step {self.global_step}; the "
                 "weights were not updated and the last good checkpoint is kept. Lower the "
                 "learning rates (algo.optimizer.lr, algo.inner_lr) or check the data."
             )

@@ -27,6 +27,11 @@ from metalearn.errors import ConfigError
 TASK_DATA = ("all", "support")
 
 
+def linear_factor(step: int, total: int, base: float) -> float:
+    """eps annealed linearly from its configured value to 0 at ``total`` steps."""
+    return max(0.0, 1.0 - step / total)
+
+
 class Reptile(EpisodicModule):
     """Args are the ``algo`` config keys (see conf/algo/reptile.yaml).
 
@@ -68,17 +73,7 @@ class Reptile(EpisodicModule):
 
     # ---- outer learning rate eps: linear annealing to 0 ---------------------------------
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.outer_parameters())
-        total = max(
-            1,
-            int(
-                self.trainer.max_steps
-                if self.trainer.max_steps > 0
-                else self.trainer.estimated_stepping_batches
-            ),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.annealed(self.optimizer_factory(self.outer_parameters()), linear_factor)
 
     # ---- inner loop ------------------------------------------------------------------------
     def forward_with(self, params: dict, x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """EpisodeDataModule: seeded meta-batches for training, fixed episode sets for val/test.
 
-Training: item i of epoch e is one whole meta-batch drawn from a Generator seeded by
-(seed, rank, e, i) only. `EpochSampler` yields global indices e * len + i (it runs in the main
-process, so the epoch reaches the dataset for any num_workers), hence batches are identical for any
-num_workers and an exactly resumed run sees the same batches.
+Training: item s = e * len + i is one whole meta-batch drawn from a Generator seeded by
+(seed, rank, e, i) only. `StepSampler` yields s = the Trainer's global step onwards, so the
+batch of each outer step is fixed by the step alone (it runs in the main process, so the index
+reaches the dataset for any num_workers): batches are identical for any num_workers, and a run
+resumed from any checkpoint, even one written mid-epoch, sees the same batches.
 
 Val/test: `val_episodes` / `test_episodes` fixed episodes seeded by (eval_seed, split, episode)
 only, so every run and algorithm is scored on the same episodes; episode e is the same whatever
@@ -39,16 +40,17 @@ EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
 AUTO_CUDA_WORKERS = 2  # data.num_workers=auto on a CUDA device
 
 
-class EpochSampler(Sampler[int]):
-    """Yields e * length + i for i in 0..length-1.
+class StepSampler(Sampler[int]):
+    """Yields start, start + 1, ... (``length`` indices): item s is the batch of outer step s.
 
-    e is read from ``epoch_fn`` (the Trainer's ``current_epoch``) when iteration starts, else
-    the value given to ``set_epoch``. Lightning's own ``set_epoch`` value is off by one after
-    resuming from a checkpoint written at validation end, which would break exact resume.
+    ``start`` is ``step_fn()`` (the Trainer's ``global_step``: one outer step per training
+    batch) when iteration starts, else ``epoch * length`` from ``set_epoch``. Keyed by the step,
+    an epoch resumed mid-way (Lightning restarts the loader) continues with the very batches
+    an uninterrupted run would have drawn; Lightning stops the epoch after its own count.
     """
 
-    def __init__(self, length: int, epoch_fn=None):
-        self.length, self.epoch, self.epoch_fn = length, 0, epoch_fn
+    def __init__(self, length: int, step_fn=None):
+        self.length, self.epoch, self.step_fn = length, 0, step_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -57,9 +59,9 @@ class EpochSampler(Sampler[int]):
         return self.length
 
     def __iter__(self):
-        epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        epoch = self.epoch if epoch is None else int(epoch)
-        return iter(range(epoch * self.length, (epoch + 1) * self.length))
+        start = self.step_fn() if self.step_fn is not None else None
+        start = self.epoch * self.length if start is None else int(start)
+        return iter(range(start, start + self.length))
 
 
 class TrainMetaBatches(Dataset):
@@ -294,11 +296,11 @@ class EpisodeDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        return self._loader(dataset, EpochSampler(len(dataset), self._trainer_epoch))
+        return self._loader(dataset, StepSampler(len(dataset), self._trainer_step))
 
-    def _trainer_epoch(self) -> int | None:
+    def _trainer_step(self) -> int | None:
         trainer = getattr(self, "trainer", None)
-        return trainer.current_epoch if trainer is not None else None
+        return trainer.global_step if trainer is not None else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"))
