@@ -292,6 +292,49 @@ def test_cosine_schedule_resumed_with_more_steps_ends_at_min_lr():
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
+# ---- evaluation: inner_steps_test plain steps on the support set, then the query set --------
+@pytest.mark.parametrize("engine", [*ENGINES, "vmap"])
+def test_evaluate_adapts_inner_steps_test_steps_on_a_copy(engine):
+    from metalearn.engines.vmap import VmapEngine
+
+    module = GBML(
+        partial(tiny_net),
+        VmapEngine() if engine == "vmap" else ENGINES[engine],
+        partial(torch.optim.Adam, lr=1e-3),
+        inner_lr=0.3,
+        inner_steps=1,
+        inner_steps_test=4,
+    )
+    eps, theta = random_episodes(batch=3, queries=5), params(module.model)
+    expected_acc, expected_loss = [], []
+    for sx, sy, qx, qy in zip(*eps, strict=True):  # reference: 4 plain SGD steps per episode
+        fast = {n: p.detach().clone().requires_grad_() for n, p in theta.items()}
+        for _ in range(4):
+            loss = F.cross_entropy(functional_call(module.model, fast, (sx,)), sy)
+            grads = torch.autograd.grad(loss, list(fast.values()))
+            fast = {
+                n: (w - 0.3 * g).detach().requires_grad_()
+                for (n, w), g in zip(fast.items(), grads, strict=True)
+            }
+        logits = functional_call(module.model, fast, (qx,))
+        expected_acc.append((logits.argmax(-1) == qy).double().mean())
+        expected_loss.append(F.cross_entropy(logits, qy))
+    torch.testing.assert_close(module.evaluate(eps).double(), torch.stack(expected_acc))
+    out = module.engine(module.model, module.eval_loop(), eps)
+    torch.testing.assert_close(out.loss, torch.stack(expected_loss).detach())
+    for n, p in module.model.named_parameters():
+        assert torch.equal(p, theta[n])
+
+
+def test_mean_ci95():
+    from metalearn.algorithms.base import mean_ci95
+
+    mean, ci = mean_ci95(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert mean == pytest.approx(0.75) and ci == pytest.approx(1.96 * 0.5 / 2)
+    assert mean_ci95(torch.tensor([0.6])) == (pytest.approx(0.6), 0.0)
+    assert all(math.isnan(v) for v in mean_ci95(torch.zeros(0)))
+
+
 # ---- ANIL----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ENGINES)
 def test_anil_leaves_the_body_unchanged_in_the_inner_loop(engine):

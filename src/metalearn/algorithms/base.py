@@ -23,6 +23,8 @@ def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
     """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode accuracies."""
     accs = accs.double()
     n = accs.numel()
+    if n == 0:
+        return math.nan, math.nan
     std = accs.std(unbiased=True).item() if n > 1 else 0.0
     return accs.mean().item(), 1.96 * std / math.sqrt(n)
 
