@@ -142,9 +142,12 @@ def test_learned_rates_get_meta_gradients_and_change(rates):
         assert moved < 1e-12 if name.endswith("conv__bias") else moved > 1e-5, name
 
 
-def test_learned_rates_refuse_first_order_and_conflicts():
-    with pytest.raises(ConfigError, match="first_order"):
-        gbml(inner_rates="metasgd", first_order=True)
+def test_learned_rates_refuse_first_order_without_sgd_and_conflicts():
+    assert gbml(inner_rates="metasgd", first_order=True).first_order
+    with pytest.raises(ConfigError, match="inner_optimizer=sgd"):
+        gbml(inner_rates="metasgd", first_order=True, inner_optimizer="adam")
+    with pytest.raises(ConfigError, match="inner_optimizer=sgd"):
+        gbml(inner_rates="lslr", da=True, inner_optimizer="momentum")
     with pytest.raises(ConfigError, match="lslr"):
         gbml(inner_rates="metasgd", lslr=True)
     assert gbml(lslr=True).inner_rates == "lslr"

@@ -94,3 +94,32 @@ def test_head_only_adaptation_leaves_body_fixed_in_inner_loop(engine):
     FuncEngine()(net, loop, eps).objective.backward()
     for g, p in zip(got, net.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", [*ENGINES, "vmap"])
+def test_first_order_rate_gradient_is_minus_g_dot_query_gradient(engine):
+    # Learned per-layer, per-step rates a_t (MAML++'s LSLR) under first order, two steps:
+    # phi_2 = theta - a_0 g_0 - a_1 g_1 with the g_t constant, so dL(phi_2)/da_t = -g_t . G,
+    # G = dL/dphi_2. Computed here with plain autograd on detached copies.
+    from metalearn.engines.vmap import VmapEngine
+
+    net, eps = tiny_net(), random_episodes(batch=1)
+    names = [n for n, _ in net.named_parameters()]
+    rates = {n: torch.tensor([0.3, 0.2], dtype=torch.float64, requires_grad=True) for n in names}
+    loop = InnerLoop(2, lambda n, t: rates[n][t], names, first_order=True)
+    (VmapEngine() if engine == "vmap" else ENGINES[engine])(net, loop, eps).objective.backward()
+
+    def grads_at(fast, x, y):
+        fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+        loss = F.cross_entropy(functional_call(net, fast, (x,)), y)
+        return dict(zip(fast, torch.autograd.grad(loss, list(fast.values())), strict=True))
+
+    sx, sy, qx, qy = (a[0] for a in eps)
+    fast, support_grads = dict(net.named_parameters()), []
+    for t in range(2):
+        support_grads.append(grads_at(fast, sx, sy))
+        fast = {n: (w - rates[n][t] * support_grads[t][n]).detach() for n, w in fast.items()}
+    query_grad = grads_at(fast, qx, qy)
+    for n in names:
+        want = torch.stack([-(support_grads[t][n] * query_grad[n]).sum() for t in range(2)])
+        torch.testing.assert_close(rates[n].grad, want, rtol=1e-9, atol=1e-12, msg=n)

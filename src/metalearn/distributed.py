@@ -12,8 +12,8 @@ How a meta-batch is spread over ``world_size`` processes (Lightning DDP, nothing
   Lightning prepares DDP's reducer, which then averages the meta-gradients over ranks: the
   update equals one process with the whole meta-batch (``tests/test_distributed.py``).
 * ``find_unused_parameters=True``: some variants leave parameters without a meta-gradient in
-  some steps (learned inner rates under first-order MAML, MAML++ per-step BatchNorm during its
-  first-order phase); DDP finds them from the objective handed to ``manual_backward``.
+  some steps (e.g. MAML++'s per-step BatchNorm weights during its first-order phase); DDP
+  finds them from the objective handed to ``manual_backward``.
 * ``sync_batchnorm`` stays off: BatchNorm statistics are per task (transductive) or per rank.
 * Validation/test episodes are split across ranks (shares may differ by one episode) and the
   per-episode accuracies gathered (``EpisodicModule._gathered_accs``), so the reported accuracy

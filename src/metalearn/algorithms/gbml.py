@@ -12,10 +12,10 @@ One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``)
 * MAML++ (Antoniou et al. 2019): ``msl`` multi-step loss, ``bn_per_step``, ``da``
   derivative-order annealing, ``cosine`` outer learning-rate annealing.
 
-Learned rates under first order: the engines treat each first-order inner update as a
-constant shift, so learned rates get no meta-gradient then. ``first_order=true`` with learned
-rates is therefore refused; with ``da`` the rates stay at their values until the switch to
-second order.
+Learned rates under first order (``first_order``, or MAML++'s first-order phase under ``da``):
+the support gradients are constants, and each rate still gets the gradient of the shift it
+scales (-g_t . dL/dphi), as in the MAML++ reference code (see engines/base.py). That needs
+the plain SGD inner optimizer (``inner_optimizer=sgd``).
 """
 
 from __future__ import annotations
@@ -91,10 +91,11 @@ class GBML(EpisodicModule):
             raise ConfigError(f"algo.adapt={adapt!r}; choose one of {ADAPT}")
         if inner_steps < 1 or inner_steps_test < 1:
             raise ConfigError("algo.inner_steps and algo.inner_steps_test must be >= 1")
-        if first_order and inner_rates != "fixed":
+        if (first_order or da) and inner_rates != "fixed" and inner_optimizer != "sgd":
             raise ConfigError(
-                f"algo.inner_rates={inner_rates} learns inner rates, which get no meta-gradient "
-                "under algo.first_order=true; set algo.first_order=false (or use algo.da)"
+                f"algo.inner_rates={inner_rates} learns inner rates, which get first-order "
+                f"meta-gradients (algo.first_order / algo.da) with algo.inner_optimizer=sgd only, "
+                f"not {inner_optimizer}: set algo.inner_optimizer=sgd or algo.inner_rates=fixed"
             )
         if inner_rates == "hypergradient" and cosine:
             raise ConfigError(

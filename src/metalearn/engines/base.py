@@ -9,8 +9,10 @@ raises ConfigError for what the engine cannot run (GBML calls it when it is buil
 
 Semantics shared by all engines (tests hold them to it):
 * second order: the query loss is differentiated through every inner update;
-* first order: each inner update is treated as a constant shift, so the meta-gradient of
-  theta is sum_t w_t * dL_t/dphi_t and learned inner rates receive no gradient;
+* first order: the support gradients g_t are constants (no second derivatives), so theta's
+  meta-gradient is sum_t w_t * dL_t/dphi_t, and a learned inner rate a_t, which scales the
+  shift phi_{t+1} = phi_t - a_t * g_t, gets -sum_{s>t} w_s * g_t . dL_s/dphi_s (as in the
+  MAML++ reference code, whose first-order phase still trains its per-step rates);
 * ``step_weights`` (MAML++ multi-step loss) weight the query loss after each step; ``None``
   means the final step only.
 """
@@ -53,10 +55,6 @@ class InnerLoop:
         if len(self.step_weights) != self.steps:
             raise ValueError(f"{len(self.step_weights)} step weights for {self.steps} steps")
         return [float(w) for w in self.step_weights]
-
-    def rate(self, name: str, step: int):
-        lr = self.lr(name, step)
-        return lr.detach() if self.first_order and torch.is_tensor(lr) else lr
 
 
 @dataclass

@@ -25,7 +25,7 @@ def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> 
         grads = grad(support_loss, {n: fast[n] for n in loop.adapt})
         for n in loop.adapt:
             g = grads[n].detach() if loop.first_order else grads[n]
-            fast[n] = fast[n] - loop.rate(n, t) * g
+            fast[n] = fast[n] - loop.lr(n, t) * g
         if weights[t] or t == loop.steps - 1:
             logits = forward(fast, qx, t)
             if weights[t]:

@@ -1,9 +1,12 @@
 """higher engine: the differentiable-optimizer inner loop of ``higher.innerloop_ctx``.
 
 Second order keeps higher's gradient tape (``track_higher_grads=True``). First order runs
-with ``track_higher_grads=False`` and returns a surrogate ``sum_p theta_p * g_p.detach()``
-whose gradient is the first-order meta-gradient, so it still reaches the parameters through
-``manual_backward`` (and DDP's gradient sync) instead of hand-written ``.grad``.
+with ``track_higher_grads=False`` and returns a surrogate ``sum_p theta_p * G_p.detach()``
+(G = the query loss's gradient at the adapted parameters) whose gradient is the first-order
+meta-gradient, so it still reaches the parameters through ``manual_backward`` (and DDP's
+gradient sync) instead of hand-written ``.grad``. Learned rates a_t get theirs from a second
+surrogate term ``-sum_t a_t * (g_t * G).detach()`` (g_t: the support gradients of step t, as
+the SGD inner optimizer applies them; momentum/adam inner steps give the rates none).
 """
 
 from __future__ import annotations
@@ -28,6 +31,20 @@ def inner_optimizer(loop: InnerLoop, params: list) -> torch.optim.Optimizer:
     if loop.optimizer == "momentum":
         return torch.optim.SGD(groups, lr=1.0, momentum=loop.momentum)
     return torch.optim.Adam(groups, lr=1.0)
+
+
+def recorder(store: list):
+    """A ``grad_callback`` for higher that keeps the gradients it is given."""
+
+    def callback(grads):
+        store.append(grads)
+        return grads
+
+    return callback
+
+
+def learned_rate(rate) -> bool:
+    return torch.is_tensor(rate) and rate.requires_grad
 
 
 def sync_buffers(fmodel, model) -> None:
@@ -56,15 +73,32 @@ class HigherEngine:
                 model, opt, copy_initial_weights=False, track_higher_grads=not loop.first_order
             ) as (fmodel, diffopt):
                 objective, loss, logits = 0.0, 0.0, None
+                shifts: list[tuple] = []  # first order: (name, learned rate, its g_t) so far
                 for t in range(loop.steps):
-                    rates = [loop.rate(n, t) for n in loop.adapt]
-                    diffopt.step(cross_entropy(fmodel(sx, step=t), sy), override={"lr": rates})
+                    rates = [loop.lr(n, t) for n in loop.adapt]
+                    learned = [learned_rate(r) for r in rates]
+                    keep = loop.first_order and loop.optimizer == "sgd" and any(learned)
+                    seen: list = []  # the support gradients diffopt computes (all parameters)
+                    diffopt.step(
+                        cross_entropy(fmodel(sx, step=t), sy),
+                        override={"lr": rates},
+                        grad_callback=recorder(seen) if keep else None,
+                    )
+                    if keep:
+                        g_t = dict(zip(named, seen[0], strict=True))
+                        shifts += [
+                            (n, r, g_t[n])
+                            for n, r, is_learned in zip(loop.adapt, rates, learned, strict=True)
+                            if is_learned and g_t[n] is not None
+                        ]
                     if weights[t] or t == loop.steps - 1:
                         logits = fmodel(qx, step=t)
                         if weights[t]:
                             q_loss = weights[t] * cross_entropy(logits, qy)
                             loss = loss + q_loss.detach()
-                            objective = objective + self._meta_term(q_loss, fmodel, theta, loop)
+                            objective = objective + self._meta_term(
+                                q_loss, fmodel, theta, loop, shifts, list(named)
+                            )
                 if logits is None:
                     logits = fmodel(qx, step=0)
                     objective = loss = cross_entropy(logits, qy)
@@ -75,11 +109,16 @@ class HigherEngine:
         return Adapted(torch.stack(objectives).mean(), torch.stack(losses), torch.stack(accs))
 
     @staticmethod
-    def _meta_term(q_loss, fmodel, theta, loop: InnerLoop):
+    def _meta_term(q_loss, fmodel, theta, loop: InnerLoop, shifts, names):
+        """The query loss (second order), or the first-order surrogate (see module doc)."""
         if not loop.first_order:
             return q_loss
-        fast = list(fmodel.parameters())
-        grads = torch.autograd.grad(q_loss, fast, allow_unused=True)
-        return sum(
+        grads = torch.autograd.grad(q_loss, list(fmodel.parameters()), allow_unused=True)
+        term = sum(
             (p * g.detach()).sum() for p, g in zip(theta, grads, strict=True) if g is not None
         )
+        at_query = dict(zip(names, grads, strict=True))
+        for name, rate, g in shifts:  # phi = theta - sum_t a_t g_t: dL/da_t = -g_t . G
+            if at_query[name] is not None:
+                term = term - (rate * (g * at_query[name]).detach()).sum()
+        return term
