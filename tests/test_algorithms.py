@@ -365,6 +365,30 @@ def test_anil_leaves_the_body_unchanged_in_the_inner_loop(engine):
     assert got["model.blocks.0.conv.weight"].abs().sum() > 0  # the outer loop learns the body
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_adapt_norm_false_keeps_batchnorm_out_of_the_inner_loop(engine):
+    # MAML++'s reference configs: BN scale/shift are learned by the outer loop only.
+    module, eps = gbml(engine, adapt_norm=False, inner_steps=2), random_episodes()
+    norm = {n for n, _ in module.model.named_parameters() if ".norm." in n}
+    assert norm and not norm & set(module.adapted)
+    assert set(module.adapted) | norm == {n for n, _ in module.model.named_parameters()}
+    params = dict(module.model.named_parameters())
+    total = 0.0  # reference: theta's conv and head weights adapted, BN scale/shift fixed
+    for sx, sy, qx, qy in zip(*eps, strict=True):
+        fast = dict(params)
+        for _ in range(2):
+            loss = F.cross_entropy(functional_call(module.model, fast, (sx,)), sy)
+            grads = torch.autograd.grad(loss, [fast[n] for n in module.adapted], create_graph=True)
+            fast.update({n: fast[n] - 0.3 * g for n, g in zip(module.adapted, grads, strict=True)})
+        total = total + F.cross_entropy(functional_call(module.model, fast, (qx,)), qy)
+    want = torch.autograd.grad(total / 2, list(params.values()))
+    got = meta_grads(module, eps)
+    for n, w in zip(params, want, strict=True):
+        torch.testing.assert_close(got[f"model.{n}"], w, rtol=1e-9, atol=1e-12)
+    assert got["model.blocks.0.norm.scale"].abs().sum() > 0  # the outer loop learns them
+    assert len(gbml(engine).adapted) == len(params)  # default: everything adapts
+
+
 # ---- inner optimizers----------------------------------------------------------------------------
 @pytest.mark.parametrize("inner", ["momentum", "adam"])
 def test_inner_optimizers_with_higher(inner):
@@ -673,7 +697,11 @@ def test_multirun_over_all_variants_with_fast_dev_run(tmp_path, data_root):
 @pytest.mark.parametrize(
     ("overrides", "expect"),
     [
-        ([], {"msl": True, "inner_rates": "lslr", "bn_per_step": True, "da": True, "cosine": True}),
+        (
+            [],
+            {"msl": True, "inner_rates": "lslr", "bn_per_step": True, "da": True, "cosine": True},
+        ),
+        (["algo.adapt_norm=true"], {"inner_rates": "lslr"}),
         (["algo.msl=false"], {"msl": False, "inner_rates": "lslr", "da": True}),
         (["algo.lslr=false"], {"msl": True, "inner_rates": "fixed"}),
         (["algo.bn_per_step=false", "algo.da=false"], {"bn_per_step": False, "da": False}),
@@ -685,3 +713,5 @@ def test_maml_pp_components_are_separate_switches(overrides, expect):
     module = instantiate(cfg.algo, model=instantiate(cfg.model), engine=instantiate(cfg.engine))
     assert {k: getattr(module, k) for k in expect} == expect
     assert module.model.blocks[0].norm.scale.shape[0] == (5 if module.bn_per_step else 1)
+    adapts_norm = "blocks.0.norm.scale" in module.adapted
+    assert adapts_norm == ("algo.adapt_norm=true" in overrides)  # MAML++: outer loop only

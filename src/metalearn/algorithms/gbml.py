@@ -9,6 +9,8 @@ One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``)
   outer rate beta (Alpha-MAML, Behl et al. 2019). ``lslr: true`` is MAML++'s switch for
   ``inner_rates=lslr``.
 * ``adapt``         "all" parameters, or "head" only (ANIL, Raghu et al. 2020).
+  ``adapt_norm: false`` keeps the BatchNorm scale/shift out of the inner loop (learned in the
+  outer loop only), as MAML++'s reference configs do.
 * MAML++ (Antoniou et al. 2019): ``msl`` multi-step loss, ``bn_per_step``, ``da``
   derivative-order annealing, ``cosine`` outer learning-rate annealing.
 
@@ -27,6 +29,7 @@ from torch import nn
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.engines.base import InnerLoop
 from metalearn.errors import ConfigError
+from metalearn.models.conv4 import StepNorm
 
 INNER_RATES = ("fixed", "metasgd", "lslr", "hypergradient")
 ADAPT = ("all", "head")
@@ -46,6 +49,18 @@ def msl_weights(steps: int, epoch: int, msl_epochs: int) -> np.ndarray:
     w[:-1] = np.maximum(w[:-1] - epoch * decay, floor)
     w[-1] = min(w[-1] + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
     return w
+
+
+def norm_parameters(model: nn.Module) -> set[str]:
+    """Names of the normalisation layers' parameters (Conv4's StepNorm scale/shift, affine
+    BatchNorm weight/bias)."""
+    kinds = (StepNorm, nn.modules.batchnorm._BatchNorm)
+    return {
+        f"{name}.{p}" if name else p
+        for name, module in model.named_modules()
+        if isinstance(module, kinds)
+        for p, _ in module.named_parameters(recurse=False)
+    }
 
 
 def plain_sgd(opt: torch.optim.Optimizer) -> bool:
@@ -70,6 +85,7 @@ class GBML(EpisodicModule):
         first_order: bool = False,
         inner_rates: str = "fixed",
         adapt: str = "all",
+        adapt_norm: bool = True,
         inner_optimizer: str = "sgd",
         msl: bool = False,
         msl_epochs: int = 10,
@@ -110,8 +126,11 @@ class GBML(EpisodicModule):
         self.inner_optimizer = inner_optimizer
         self.msl, self.msl_epochs, self.da, self.da_epochs = msl, msl_epochs, da, da_epochs
         self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
+        norm = norm_parameters(self.model) if not adapt_norm else set()
         self.adapted = [
-            n for n, _ in self.model.named_parameters() if adapt == "all" or n.startswith("head.")
+            n
+            for n, _ in self.model.named_parameters()
+            if (adapt == "all" or n.startswith("head.")) and n not in norm
         ]
         self.rates = nn.ParameterDict(self._init_rates())
         engine.check(self.model, self.eval_loop())  # unsupported engine/model/optimizer: now
