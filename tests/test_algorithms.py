@@ -493,13 +493,21 @@ def reptile(**kw) -> Reptile:
     return Reptile(tiny_net(), partial(torch.optim.SGD, lr=eps0), **kw)
 
 
-def reference_phi(net, x, y, steps, inner) -> dict:
-    net = copy.deepcopy(net)
-    opt = (
-        torch.optim.SGD(net.parameters(), lr=0.1)
-        if inner == "sgd"
-        else torch.optim.Adam(net.parameters(), lr=0.1, betas=(0.0, 0.999))
-    )
+def reference_phi(net, x, y, steps, inner, opt=None, theta=None) -> dict:
+    """``steps`` steps from ``theta`` (default: ``net``'s parameters); ``opt`` (an optimizer
+    over ``net``'s parameters) carries its state over from earlier tasks, as in Nichol et al.'s
+    code."""
+    theta = params(net) if theta is None else theta
+    if opt is None:
+        net = copy.deepcopy(net)
+        opt = (
+            torch.optim.SGD(net.parameters(), lr=0.1)
+            if inner == "sgd"
+            else torch.optim.Adam(net.parameters(), lr=0.1, betas=(0.0, 0.999))
+        )
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(theta[n])
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(net(x), y).backward()
@@ -511,10 +519,16 @@ def reference_phi(net, x, y, steps, inner) -> dict:
 def test_reptile_outer_step_is_theta_plus_eps_mean_shift(inner, task_data):
     module, eps = reptile(inner_optimizer=inner, task_data=task_data), random_episodes()
     theta = params(module.model)
+    net = copy.deepcopy(module.model)  # one inner optimizer for both tasks (its state carries)
+    opt = (
+        torch.optim.SGD(net.parameters(), lr=0.1)
+        if inner == "sgd"
+        else torch.optim.Adam(net.parameters(), lr=0.1, betas=(0.0, 0.999))
+    )
     phis = []
     for sx, sy, qx, qy in zip(*eps, strict=True):
         x, y = (torch.cat([sx, qx]), torch.cat([sy, qy])) if task_data == "all" else (sx, sy)
-        phis.append(reference_phi(module.model, x, y, 3, inner))
+        phis.append(reference_phi(net, x, y, 3, inner, opt, theta))
     fit(module, eps, max_steps=1)
     for n, p in module.model.named_parameters():
         phi_mean = sum(phi[n] for phi in phis) / len(phis)
@@ -546,6 +560,32 @@ def test_reptile_inner_minibatches_cycle_through_the_task():
         torch.equal(a[1], b[1])
         for a, b in zip(batches, module.inner_batches(x, y, task=0), strict=True)
     )  # seeded
+
+
+def test_reptile_inner_adam_state_carries_over_and_is_checkpointed():
+    module, eps = reptile(inner_optimizer="adam"), random_episodes()
+    fit(module, eps, max_steps=2)  # 2 outer steps of 2 tasks of 3 inner steps
+    state = module.inner_state
+    assert state.keys() == dict(module.model.named_parameters()).keys()
+    assert all(float(s["step"]) == 12 for s in state.values())
+    before = {n: {k: v.clone() for k, v in s.items()} for n, s in state.items()}
+    module.evaluate(eps)  # evaluation starts from a copy
+    for n, s in state.items():
+        assert all(torch.equal(v, before[n][k]) for k, v in s.items())
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    other = reptile(inner_optimizer="adam")
+    other.on_load_checkpoint(checkpoint)
+    assert other.inner_state.keys() == state.keys()
+    accs = module.evaluate(eps)
+    other.model.load_state_dict(module.model.state_dict())
+    torch.testing.assert_close(other.evaluate(eps), accs)
+    support = [(eps.support_x[0], eps.support_y[0])] * 3
+    torch.testing.assert_close(
+        other.adapt(support, dict(other.inner_state))[0], module.adapt(support, dict(state))[0]
+    )
+    fresh, _ = other.adapt(support, {})  # a fresh Adam adapts differently
+    assert not torch.equal(fresh["head.weight"], module.adapt(support, state)[0]["head.weight"])
 
 
 def test_reptile_evaluation_fine_tunes_on_support_and_keeps_theta():

@@ -108,33 +108,55 @@ def test_failed_job_marks_its_wandb_run_failed(tmp_path, data_root):
     assert read_offline_run(run_dir)["exit_code"] == 0
 
 
+def interrupt_after(step: int):
+    """An ``on_train_batch_end`` that stops training after outer step ``step``, as if the job
+    had been killed there (``max_steps`` stays as configured, so do the schedules)."""
+
+    def hook(module, *args):
+        if module.global_step >= step:
+            module.trainer.should_stop = True
+
+    return hook
+
+
 @pytest.mark.parametrize(
     ("algo", "stop", "new_dir"),
     [
         ("maml", 3, False),  # at an epoch boundary, into the same run directory
         # mid-epoch (the loader restarts; batches are keyed by step), into a new directory,
         # with MAML++'s epoch-dependent multi-step loss and derivative-order annealing,
-        # learned per-step rates and per-step BatchNorm
+        # learned per-step rates, per-step BatchNorm and cosine outer learning rate
         ("maml_pp", 4, True),
+        # its inner Adam state carries over from step to step (it is in the checkpoint), and
+        # its outer rate anneals linearly
+        ("reptile", 4, False),
     ],
 )
-def test_resume_is_exact(tmp_path, data_root, algo, stop, new_dir):
-    common = [f"algo={algo}", "data.batches_per_epoch=3", "test=false"]
+def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
+    from metalearn.algorithms.base import EpisodicModule
+
+    common = [f"algo={algo}", "data.batches_per_epoch=3", "test=false", "trainer.max_steps=6"]
     if algo == "maml_pp":
-        common += ["algo.cosine=false", "algo.msl_epochs=2", "algo.da_epochs=1"]
-    run_with(tmp_path / "straight", data_root, *common, "trainer.max_steps=6")
-    run_with(tmp_path / "first", data_root, *common, f"trainer.max_steps={stop}")
+        common += ["algo.msl_epochs=2", "algo.da_epochs=1"]
+    if algo == "reptile":
+        common += ["algo.inner_steps_test=3", "algo.meta_batch_size=2", "algo.inner_steps=2"]
+    run_with(tmp_path / "straight", data_root, *common)
+    with monkeypatch.context() as patch:
+        patch.setattr(EpisodicModule, "on_train_batch_end", interrupt_after(stop), raising=False)
+        run_with(tmp_path / "first", data_root, *common)
     first = tmp_path / "first" / "checkpoints" / "last.ckpt"
     assert torch.load(first, map_location="cpu", weights_only=False)["global_step"] == stop
     resumed = tmp_path / ("resumed" if new_dir else "first")
-    run_with(resumed, data_root, *common, "trainer.max_steps=6", f"ckpt_path={first}")
+    run_with(resumed, data_root, *common, f"ckpt_path={first}")
     a = params_of(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     b = params_of(resumed / "checkpoints" / "last.ckpt")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     hist = json.loads((resumed / "metrics.json").read_text())["curve"]
-    assert [h["epoch"] for h in hist] == [0, 1]
+    # (a stop mid-epoch validates where it stopped, then again at the end of the epoch)
+    assert [h["epoch"] for h in hist] == ([0, 1] if stop % 3 == 0 else [0, 1, 1])
+    assert hist[-1]["step"] == 6
 
 
 def test_resume_in_a_new_directory_keeps_the_earlier_best(tmp_path, data_root):

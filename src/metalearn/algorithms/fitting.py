@@ -30,18 +30,26 @@ def fit(
     optimizer: str,
     lr: float,
     adam_beta1: float = 0.9,
+    state: dict | None = None,
 ) -> tuple[dict, torch.Tensor]:
     """Train the ``train`` entries of a copy of ``params``, one optimizer step per batch.
 
+    ``state`` (parameter name -> that parameter's optimizer state, e.g. Adam's moments and step
+    count) starts the optimizer where an earlier fit left it, and receives the new state.
     Returns the fitted parameters (detached) and the loss of the last step.
     """
     fast = {n: p.detach().clone() for n, p in params.items()}
-    trained = [fast[n].requires_grad_() for n in train]
-    opt = make_optimizer(optimizer, trained, lr, adam_beta1)
+    trained = {n: fast[n].requires_grad_() for n in train}
+    opt = make_optimizer(optimizer, list(trained.values()), lr, adam_beta1)
+    for n, p in trained.items():
+        if state and n in state:
+            opt.state[p] = {k: v.clone().to(p.device) for k, v in state[n].items()}
     loss = torch.tensor(float("nan"))
     for x, y in batches:
         loss = F.cross_entropy(forward(fast, x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if state is not None:
+        state.update({n: dict(opt.state[p]) for n, p in trained.items() if opt.state[p]})
     return {n: p.detach() for n, p in fast.items()}, loss.detach()

@@ -6,6 +6,12 @@ linearly to 0 over ``trainer.max_steps``. The update is applied as the gradient 
 surrogate ``sum_p p * (theta - phi_mean)_p`` through ``manual_backward`` (so DDP averages it
 over ranks) and an SGD outer optimizer whose learning rate is eps.
 
+The inner optimizer's state (Adam's moments and step count, momentum buffers) carries over
+from task to task and from one outer step to the next, as in Nichol et al.'s code (each task
+restarts from theta, not the optimizer); evaluation starts each episode from a copy of it. It
+is saved in checkpoints, so resuming is exact (under DDP each rank keeps its own; rank 0's is
+saved).
+
 Task data (``task_data``): "all" trains on the episode's support and query images together,
 as Nichol et al. train on every sample of a task (no train/test split is needed, since the
 outer update uses no query loss); "support" uses the support set only, exactly the K-shot
@@ -70,6 +76,7 @@ class Reptile(EpisodicModule):
         )
         self.inner_optimizer, self.adam_beta1 = inner_optimizer, adam_beta1
         self.inner_batch_size, self.task_data, self.seed = inner_batch_size, task_data, seed
+        self.inner_state: dict = {}  # parameter name -> inner optimizer state (see module doc)
 
     # ---- outer learning rate eps: linear annealing to 0 ---------------------------------
     def configure_optimizers(self):
@@ -98,7 +105,8 @@ class Reptile(EpisodicModule):
             for i in range(self.inner_steps)
         ]
 
-    def adapt(self, batches) -> tuple[dict, torch.Tensor]:
+    def adapt(self, batches, state: dict) -> tuple[dict, torch.Tensor]:
+        """Fine-tune a copy of theta on ``batches``, its optimizer starting from ``state``."""
         params = dict(self.model.named_parameters())
         return fit(
             self.forward_with,
@@ -108,6 +116,7 @@ class Reptile(EpisodicModule):
             self.inner_optimizer,
             self.inner_lr,
             self.adam_beta1,
+            state,
         )
 
     def training_step(self, episodes, batch_idx):
@@ -119,7 +128,7 @@ class Reptile(EpisodicModule):
             x, y = (
                 (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
             )
-            phi, loss = self.adapt(self.inner_batches(x, y, task))
+            phi, loss = self.adapt(self.inner_batches(x, y, task), self.inner_state)
             self.check_finite(loss)
             for n in shift:
                 shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
@@ -140,7 +149,16 @@ class Reptile(EpisodicModule):
     def evaluate(self, episodes) -> torch.Tensor:
         accs = []
         for sx, sy, qx, qy in zip(*episodes, strict=True):
-            phi, _ = self.adapt([(sx, sy)] * self.inner_steps_test)
+            phi, _ = self.adapt([(sx, sy)] * self.inner_steps_test, dict(self.inner_state))
             with torch.no_grad():
                 accs.append(accuracy(self.forward_with(phi, qx), qy))
         return torch.stack(accs)
+
+    # ---- checkpoint: the inner optimizer's state -----------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["reptile_inner_state"] = self.inner_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.inner_state = dict(checkpoint.get("reptile_inner_state", {}))
