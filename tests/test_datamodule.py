@@ -99,7 +99,14 @@ def test_ddp_shares_partition_test_episodes(data_root):
     assert not same(train0, train1), "ranks must train on different episodes"
 
 
-def test_lightning_passes_epochs_to_the_sampler(data_root):
+def test_fewer_eval_episodes_than_ranks_is_a_clear_error(data_root):
+    dm = make(data_root, rank=1, world_size=4, val_episodes=3)
+    with pytest.raises(ConfigError, match="data.val_episodes=3 is fewer than the 4 DDP"):
+        dm.val_dataloader()
+    assert len(make(data_root, rank=3, world_size=4, val_episodes=4).val_dataloader()) == 1
+
+
+def test_trainer_steps_key_the_batches(data_root):
     class Recorder(L.LightningModule):
         def __init__(self):
             super().__init__()

@@ -290,6 +290,11 @@ class EpisodeDataModule(L.LightningDataModule):
             split,
         )
         rank, world_size = self.shard()
+        if 0 < episodes < world_size:  # a rank without episodes would hang the others' gather
+            raise ConfigError(
+                f"data.{split}_episodes={episodes} is fewer than the {world_size} DDP processes:"
+                f" use at least {world_size} (every process scores a share of the episodes)"
+            )
         share = np.array_split(np.arange(episodes), world_size)[rank]
         indices = EpisodeIndices(*(a[share] for a in indices))
         return FixedEpisodes(getattr(self.splits, split), indices, self.shots, self.eval_batch_size)
