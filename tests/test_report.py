@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from metalearn.report import collect, main, report
+from metalearn.report import collect, main, mean_curve, report, t_interval
 
 
 def write_run(root: Path, name: str, overrides: list[str] = (), **metrics) -> Path:
@@ -43,15 +43,16 @@ def write_run(root: Path, name: str, overrides: list[str] = (), **metrics) -> Pa
 @pytest.fixture
 def tree(tmp_path) -> Path:
     root = tmp_path / "sweep"
-    # two seeds of one cell: mean and the CI of the mean across seeds
+    # two seeds of one cell: mean and the t interval of the mean across seeds
     write_run(root, "0", seed=0, **{"test/acc": 0.90, "test/acc_ci95": 0.02})
-    write_run(root, "1", seed=1, **{"test/acc": 0.80, "test/acc_ci95": 0.03})
+    write_run(root, "1", seed=1, **{"test/acc": 0.92, "test/acc_ci95": 0.03})
     # one run: its own CI over test episodes
     write_run(root, "2", shots=5, **{"test/acc": 0.95, "test/acc_ci95": 0.012})
     write_run(root, "3", algo="fomaml", ways=20, **{"test/acc": 0.70, "test/acc_ci95": 0.004})
     write_run(root, "4", dataset="quickdraw", samples_per_class=20, **{"test/acc": 0.6})
     write_run(root, "5", dataset="quickdraw", samples_per_class=100, **{"test/acc": 0.7})
-    # a failed job (metrics.json says why) and a job that died without metrics.json
+    # a failed job (metrics.json says why) and a job that died without metrics.json (seed 3 of
+    # the two-seed cell above: counted there as failed)
     write_run(
         root,
         "6",
@@ -87,10 +88,11 @@ def test_cells_rows_and_columns(tree):
         for (r, c), cell in out["cells"].items()
     }
     two_seeds = cells[("maml", (5, 1))]
-    std = math.sqrt(((0.9 - 0.85) ** 2 + (0.8 - 0.85) ** 2) / 1)
-    assert two_seeds.mean == pytest.approx(0.85)
-    assert two_seeds.ci95 == pytest.approx(1.96 * std / math.sqrt(2))
-    assert two_seeds.text() == "85.0 ± 9.8 (n=2)"
+    std = math.sqrt(((0.90 - 0.91) ** 2 + (0.92 - 0.91) ** 2) / 1)
+    assert two_seeds.mean == pytest.approx(0.91)
+    # Student t with 1 degree of freedom, not 1.96 (which gave "± 2.0")
+    assert two_seeds.ci95 == pytest.approx(12.706 * std / math.sqrt(2))
+    assert two_seeds.text() == "91.0 ± 12.7 (n=2 seeds, 1 failed)"
     assert cells[("maml", (5, 5))].text() == "95.0 ± 1.2"
     assert cells[("fomaml", (20, 1))].text() == "70.0 ± 0.4"
     assert cells[("fomaml", (5, 5))].text() == "failed"
@@ -101,7 +103,10 @@ def test_markdown_csv_and_failures(tree):
     report(tree, echo=False)
     md = (tree / "results.md").read_text()
     assert "| dataset / samples / algorithm | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot |" in md
-    assert "| omniglot / all / maml | 85.0 ± 9.8 (n=2) | 95.0 ± 1.2 |  |" in md
+    assert "| omniglot / all / maml | 91.0 ± 12.7 (n=2 seeds, 1 failed) | 95.0 ± 1.2 |  |" in md
+    # the caption says which interval is which
+    assert "one run ± its CI over the test episodes" in md
+    assert "(n=K seeds) is the mean of K runs ± the Student t CI" in md
     assert "## Failed jobs (2)" in md
     assert "shots+queries" in md and "CUDA out of memory" in md
     assert "| 7 | maml omniglot 5-way 1-shot seed 3 |" in md
@@ -110,7 +115,8 @@ def test_markdown_csv_and_failures(tree):
     cell = next(
         r for r in rows if r["algo"] == "maml" and r["dataset"] == "omniglot" and r["shots"] == "1"
     )
-    assert cell["runs"] == "2" and float(cell["test/acc"]) == pytest.approx(0.85)
+    assert cell["runs"] == "2" and cell["failed"] == "1"
+    assert float(cell["test/acc"]) == pytest.approx(0.91)
     assert (tree / "learning_curves.png").stat().st_size > 10_000
 
 
@@ -137,9 +143,59 @@ def test_differing_overrides_split_rows(tmp_path):
     )
 
 
-def test_cli_prints_table_and_failures(tree, capsys):
+def test_cli_prints_table_and_failures(tree, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps long cells at the default 80
     assert main([str(tree), "--out", str(tree / "out"), "--no-plot"]) == 0
     printed = capsys.readouterr().out
-    assert "85.0 ± 9.8 (n=2)" in printed and "failed jobs (2)" in printed
+    assert "91.0 ± 12.7 (n=2 seeds, 1 failed)" in printed and "failed jobs (2)" in printed
     assert (tree / "out" / "results.md").exists()
     assert not (tree / "out" / "learning_curves.png").exists()
+
+
+def test_t_interval_uses_student_t_quantiles():
+    def expect(values, t):
+        n, mean = len(values), sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+        return pytest.approx(t * std / math.sqrt(n))
+
+    assert t_interval([]) is None and t_interval([0.5]) is None
+    assert t_interval([0.90, 0.92]) == pytest.approx(0.12706, abs=1e-4)
+    assert t_interval([0.90, 0.92]) == expect([0.90, 0.92], 12.706)
+    assert t_interval([0.1, 0.2, 0.4]) == expect([0.1, 0.2, 0.4], 4.303)
+    thirty_one = [i / 100 for i in range(31)]
+    assert t_interval(thirty_one) == expect(thirty_one, 2.042)  # df = 30, the last tabled
+    forty = [i / 100 for i in range(40)]
+    assert t_interval(forty) == expect(forty, 1.96)  # the normal quantile beyond
+
+
+def test_cell_counts_failed_seeds(tmp_path):
+    write_run(tmp_path, "0", seed=0, **{"test/acc": 0.90})
+    write_run(tmp_path, "1", seed=1, **{"test/acc": 0.92})
+    for seed in (2, 3):
+        write_run(tmp_path, f"{seed}", seed=seed, status="failed", error="loss is nan")
+    # one run left of two: its own CI, and the failure
+    write_run(tmp_path, "4", shots=5, **{"test/acc": 0.95, "test/acc_ci95": 0.012})
+    write_run(tmp_path, "5", shots=5, seed=1, status="failed", error="loss is nan")
+    out = report(tmp_path, echo=False, plot=False)
+    texts = {col: cell.text() for (_, col), cell in out["cells"].items()}
+    assert texts == {
+        (5, 1): "91.0 ± 12.7 (n=2 seeds, 2 failed)",
+        (5, 5): "95.0 ± 1.2 (1 failed)",
+    }
+
+
+def test_curve_band_is_t_interval_across_runs(tmp_path):
+    def run(name, seed, accs, ci):
+        curve = [{"epoch": e, "val/acc": a, "val/acc_ci95": ci} for e, a in enumerate(accs)]
+        return write_run(tmp_path, name, seed=seed, curve=curve)
+
+    run("0", 0, [0.40, 0.50], 0.02)
+    run("1", 1, [0.44, 0.50], 0.03)
+    runs = sorted(collect(tmp_path), key=lambda r: r.get("seed"))
+    epochs, mean, ci = mean_curve(runs)
+    assert epochs == [1, 2] and mean == pytest.approx([0.42, 0.50])
+    # across the two runs (not the mean 0.025 of their per-episode CIs); zero spread at epoch 2
+    assert ci == pytest.approx([t_interval([0.40, 0.44]), 0.0])
+    assert ci[0] == pytest.approx(12.706 * math.sqrt(0.0008) / math.sqrt(2))
+    # one run: its own CI over validation episodes
+    assert mean_curve(runs[1:])[2] == pytest.approx([0.03, 0.03])

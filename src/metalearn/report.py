@@ -5,15 +5,19 @@
 
 Every ``metrics.json`` under DIR is one run. The table follows the FF15 report's results
 figure: one row per dataset / samples per class / algorithm, one column per N-way K-shot,
-cells = meta-test accuracy ± 95 % confidence interval in %. A cell with one run shows that
-run's interval over its test episodes; a cell with several runs (seeds) shows their mean and
-the 95 % interval of that mean across runs (1.96 * std / sqrt(n)), marked with the count.
+cells = meta-test accuracy ± 95 % confidence interval in %. Two kinds of interval, told apart in
+the cell: a cell with one run shows that run's accuracy ± its interval over its test episodes;
+a cell marked ``(n=K seeds)`` shows the mean of K runs ± the Student t interval of that mean
+across runs (t_{0.975,K-1} * std / sqrt(K)). ``k failed`` in a cell counts its runs that failed
+and are left out of the mean.
 Overrides that differ between runs and are not table axes (say ``algo.inner_lr``) become part
 of the row label, so an ablation never averages different settings into one cell.
 
 Written into DIR (or ``--out``): ``results.md`` (table + failures), ``results.csv`` (one line
 per cell), ``learning_curves.png`` (validation accuracy per epoch, one line per shots value,
-one panel per dataset / algorithm / ways); the table and the failures are also printed.
+one panel per dataset / algorithm / ways; the band is a single run's interval over validation
+episodes, or the t interval across runs where a line averages several); the table and the
+failures are also printed.
 
 Failed jobs: a ``metrics.json`` with ``status: failed`` and its ``error``; a job directory
 (one with ``.hydra/``) without ``metrics.json`` (killed, out of memory, still running) shows the
@@ -159,6 +163,39 @@ def label_variants(runs: list[Run]) -> None:
         r.variant = " ".join(f"{k}={r.overrides[k]}" for k in varying if k in r.overrides)
 
 
+# ---- intervals ---------------------------------------------------------------------------
+# Student t quantiles t_{0.975, df} for df = 1..30; the normal 1.96 beyond
+T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_interval(values: list[float]) -> float | None:
+    """Half-width of the 95 % CI of the mean of ``values`` (runs): t_{0.975,n-1} * std / sqrt(n).
+
+    None for fewer than two values (no spread to estimate)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return t * std / math.sqrt(n)
+
+
+def legend(metric: str) -> str:
+    """What a cell says: the caption of the table (markdown and printed)."""
+    name = "meta-test accuracy" if metric == "test/acc" else metric
+    return (
+        f"{name} (%) ± 95 % confidence interval; rows: dataset / samples per class / algorithm. "
+        "A cell without (n=…) is one run ± its CI over the test episodes; "
+        "a cell with (n=K seeds) is the mean of K runs ± the Student t CI of that mean across "
+        "runs (t_0.975,K-1 · std / √K); k failed: runs of the cell that failed, left out."
+    )
+
+
 # ---- the table ---------------------------------------------------------------------------
 @dataclass
 class Cell:
@@ -166,10 +203,12 @@ class Cell:
     metric: str = "test/acc"
 
     @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok and r.get(self.metric) is not None]
+
+    @property
     def values(self) -> list[float]:
-        return [
-            float(r.get(self.metric)) for r in self.runs if r.ok and r.get(self.metric) is not None
-        ]
+        return [float(r.get(self.metric)) for r in self.ok_runs]
 
     @property
     def n(self) -> int:
@@ -181,26 +220,25 @@ class Cell:
 
     @property
     def ci95(self) -> float | None:
-        """One run: its own CI over test episodes; several: CI of the mean across runs."""
-        if self.n == 0:
-            return None
+        """One run: its own CI over test episodes; several: t interval of the mean across runs."""
         if self.n == 1:
-            ok = [r for r in self.runs if r.ok and r.get(self.metric) is not None][0]
-            return ok.get(f"{self.metric}_ci95")
-        mean, vals = self.mean, self.values
-        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (self.n - 1))
-        return 1.96 * std / math.sqrt(self.n)
+            return self.ok_runs[0].get(f"{self.metric}_ci95")
+        return t_interval(self.values)
 
     @property
     def failed(self) -> int:
         return sum(not r.ok for r in self.runs)
 
     def text(self) -> str:
+        """``mean ± CI``: one run ± its CI over test episodes, or, marked ``(n=K seeds)``, the
+        mean of K runs ± the t interval across them; ``k failed`` counts runs left out."""
         if self.n == 0:
             return "failed" if self.failed else "n/a"
         ci = self.ci95
         out = f"{100 * self.mean:.1f}" + ("" if ci is None else f" ± {100 * ci:.1f}")
-        return out + (f" (n={self.n})" if self.n > 1 else "")
+        notes = [f"n={self.n} seeds"] if self.n > 1 else []
+        notes += [f"{self.failed} failed"] if self.failed else []
+        return out + (f" ({', '.join(notes)})" if notes else "")
 
 
 def table(runs: list[Run], metric: str = "test/acc") -> tuple[list, list, dict]:
@@ -229,11 +267,10 @@ def col_label(col: tuple[int, int]) -> str:
 
 
 def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) -> str:
-    name = "meta-test accuracy" if metric == "test/acc" else metric
     lines = [
         f"# Results: {root}",
         "",
-        f"{name} (%) ± 95 % confidence interval; rows: dataset / samples per class / algorithm.",
+        legend(metric),
         "",
         "| dataset / samples / algorithm | " + " | ".join(map(col_label, cols)) + " |",
         "|---|" + "---:|" * len(cols),
@@ -309,7 +346,10 @@ def write_csv(path: Path, rows, cols, cells, metric: str) -> None:
 
 # ---- learning curves ---------------------------------------------------------------------
 def plot_curves(runs: list[Run], path: Path) -> bool:
-    """Validation accuracy per epoch: one panel per dataset/algo/ways, one line per shots."""
+    """Validation accuracy per epoch: one panel per dataset/algo/ways, one line per shots.
+
+    The band: a single run's 95 % CI over validation episodes; for a line that averages
+    several runs (``n=K seeds`` in its legend), the t interval across runs (``t_interval``)."""
     panels: dict[tuple, dict[int, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r.ok and r.get("curve"):
@@ -332,9 +372,9 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
         for shots in sorted(panels[key]):
             epochs, mean, ci = mean_curve(panels[key][shots])
             tests = [r.get("test/acc") for r in panels[key][shots] if r.get("test/acc") is not None]
-            label = f"{shots}-shot" + (
-                f" (test {100 * sum(tests) / len(tests):.1f} %)" if tests else ""
-            )
+            n = len(panels[key][shots])
+            label = f"{shots}-shot" + (f", n={n} seeds" if n > 1 else "")
+            label += f" (test {100 * sum(tests) / len(tests):.1f} %)" if tests else ""
             (line,) = ax.plot(epochs, [100 * m for m in mean], marker="o", ms=3, label=label)
             ax.fill_between(
                 epochs,
@@ -355,6 +395,10 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
         ax.set_ylabel("validation accuracy (%)")
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
+    fig.suptitle(
+        "band: 95 % CI over validation episodes (one run); t interval across runs (n=K seeds)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -362,7 +406,9 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
 
 
 def mean_curve(runs: list[Run]) -> tuple[list[int], list[float], list[float]]:
-    """Epochs (1 = after the first epoch), mean val acc over runs, mean of their CIs."""
+    """Epochs (1 = after the first epoch), mean val acc over runs, and the band's half-width:
+    at an epoch with one run its CI over validation episodes, with several the t interval
+    of their mean across runs."""
     by_epoch: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for r in runs:
         for point in r.get("curve"):
@@ -371,7 +417,10 @@ def mean_curve(runs: list[Run]) -> tuple[list[int], list[float], list[float]]:
             )
     epochs = sorted(by_epoch)
     mean = [sum(a for a, _ in by_epoch[e]) / len(by_epoch[e]) for e in epochs]
-    ci = [sum(c for _, c in by_epoch[e]) / len(by_epoch[e]) for e in epochs]
+    ci = [
+        by_epoch[e][0][1] if len(by_epoch[e]) == 1 else t_interval([a for a, _ in by_epoch[e]])
+        for e in epochs
+    ]
     return epochs, mean, ci
 
 
@@ -413,7 +462,9 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
     from rich.table import Table
 
     console = Console()
-    t = Table(title=f"{metric} (%) ± 95 % CI — {root}")
+    t = Table(
+        title=f"{metric} (%) ± 95 % CI — {root}", caption=legend(metric), caption_justify="left"
+    )
     t.add_column("dataset / samples / algorithm")
     for c in cols:
         t.add_column(col_label(c), justify="right")
