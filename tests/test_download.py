@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from metalearn.data.download import download, read_url
+from metalearn.data.sources import omniglot
 from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.sources.quickdraw import (
     CATEGORIES,
@@ -25,11 +26,16 @@ from metalearn.errors import DataError
 
 
 class LoopbackServer:
-    """Serves `files` (path -> bytes) with Range support; `truncated` paths lie about length."""
+    """Serves `files` (path -> bytes) with Range support; `truncated` paths lie about length,
+    `no_length` paths come without Content-Length; `max_range` cuts Range replies short and
+    `range_from_zero` serves every slice from byte 0 (a broken server; Content-Range says so)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.truncated: set[str] = set()
+        self.no_length: set[str] = set()
+        self.max_range: int | None = None
+        self.range_from_zero = False
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.bytes_sent = 0
         server = self
@@ -45,12 +51,20 @@ class LoopbackServer:
                     self.send_error(404)
                     return
                 status, rng = 200, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+                headers = {}
                 if rng:
                     start, end = int(rng[1]), min(int(rng[2]), len(body) - 1)
+                    if server.max_range is not None:
+                        end = min(end, start + server.max_range - 1)
+                    start, end = (0, end - start) if server.range_from_zero else (start, end)
+                    headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
                     status, body = 206, body[start : end + 1]
                 self.send_response(status)
-                claimed = len(body) * 2 if self.path in server.truncated else len(body)
-                self.send_header("Content-Length", str(claimed))
+                if self.path not in server.no_length:
+                    claimed = len(body) * 2 if self.path in server.truncated else len(body)
+                    headers["Content-Length"] = str(claimed)
+                for key, value in headers.items():
+                    self.send_header(key, value)
                 self.end_headers()
                 self.wfile.write(body)
                 server.bytes_sent += len(body)
@@ -140,6 +154,21 @@ def test_bitmap_range_fetch_reads_only_needed_rows(server, tmp_path):
     assert leftovers(tmp_path) == ["ice cream.npy"]
 
 
+def test_short_or_misplaced_range_reply_is_a_data_error(server, tmp_path):
+    rows = np.random.default_rng(2).integers(0, 256, (500, 784), dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.save(buffer, rows)
+    server.files["/bitmap/ice%20cream.npy"] = buffer.getvalue()
+    url, dest = server.url + "/bitmap/ice%20cream.npy", tmp_path / "ice cream.npy"
+    server.max_range = 4096  # the header probe still fits; the rows come back short
+    with pytest.raises(DataError, match=r"'ice cream'.*sent 4096 bytes.*expected 15680.*Try again"):
+        fetch_bitmap_rows(url, dest, 20)
+    server.max_range, server.range_from_zero = None, True  # right length, wrong bytes
+    with pytest.raises(DataError, match=r"asked for bytes 128-15807.*Content-Range 'bytes 0-15679"):
+        fetch_bitmap_rows(url, dest, 20)
+    assert leftovers(tmp_path) == []
+
+
 def test_quickdraw_numpy_bitmap_download(server, tmp_path):
     for i, name in enumerate(CATEGORIES):
         buffer = io.BytesIO()
@@ -174,12 +203,23 @@ def _official_zip(part: str, alphabets: int, chars: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_omniglot_download_verifies_hashes(server, tmp_path):
+def _fake_official_zips(monkeypatch) -> dict[str, bytes]:
+    """Small stand-ins for the official zips, with their md5 and class counts patched in."""
     pytest.importorskip("PIL", reason="Pillow is needed to read the official Omniglot zips")
     zips = {
         "images_background.zip": _official_zip("images_background", 40, 4),
         "images_evaluation.zip": _official_zip("images_evaluation", 2, 3),
     }
+    md5 = {name: hashlib.md5(data).hexdigest() for name, data in zips.items()}
+    monkeypatch.setattr(omniglot, "ZIP_MD5", md5)
+    monkeypatch.setattr(
+        omniglot, "PART_CLASSES", {"images_background": 160, "images_evaluation": 6}
+    )
+    return zips
+
+
+def test_omniglot_download_verifies_hashes(server, tmp_path, monkeypatch):
+    zips = _fake_official_zips(monkeypatch)
     for name, data in zips.items():
         server.files[f"/omni/{name}"] = data
     hashes = {name: hashlib.sha256(data).hexdigest() for name, data in zips.items()}
@@ -195,3 +235,23 @@ def test_omniglot_download_verifies_hashes(server, tmp_path):
 def test_offline_omniglot_says_where_to_put_files(tmp_path):
     with pytest.raises(DataError, match=r"could not reach(.|\n)*put images_background_28\.npz"):
         load_omniglot(tmp_path, base_url="http://127.0.0.1:9/")  # discard port: refused
+
+
+def test_omniglot_mirror_is_md5_checked(server, tmp_path, monkeypatch):
+    pytest.importorskip("PIL", reason="Pillow is needed to read the official Omniglot zips")
+    mirror, target = server.url + "/mirror/", tmp_path / "omniglot"
+    server.files["/mirror/images_background.zip"] = _official_zip("images_background", 40, 4)
+    with pytest.raises(DataError, match=rf"{mirror}images_background\.zip has md5 .*Try again"):
+        load_omniglot(tmp_path, base_url=mirror)  # not the published zip: refused on any URL
+    assert leftovers(target) == []
+    zips = _fake_official_zips(monkeypatch)  # now the published md5 is that of these zips
+    for name, data in zips.items():  # cut short, and no Content-Length to tell
+        server.files["/mirror/" + name] = data[: len(data) // 2]
+        server.no_length.add("/mirror/" + name)
+    with pytest.raises(DataError, match=r"images_background\.zip has md5 .*nothing was written"):
+        load_omniglot(tmp_path, base_url=mirror)
+    assert leftovers(target) == []
+    for name, data in zips.items():
+        server.files["/mirror/" + name] = data
+    assert load_omniglot(tmp_path, base_url=mirror).test.num_classes == 6
+    assert leftovers(target) == sorted(zips)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from metalearn.data.sources import load_splits
+from metalearn.data.sources import omniglot as omniglot_module
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.sources.quickdraw import CATEGORIES, load_quickdraw, read_bitmap_file
@@ -125,8 +126,11 @@ def _fake_omniglot_tree(folder, alphabets, chars=2, drawers=3, size=105):
                 Image.fromarray(paper).convert("1").save(cdir / f"0001_{d:02d}.png")
 
 
-def test_original_png_layout_folder_and_zip(tmp_path):
+def test_original_png_layout_folder_and_zip(tmp_path, monkeypatch):
     pytest.importorskip("PIL", reason="Pillow is needed to read the original PNG layout")
+    monkeypatch.setattr(
+        omniglot_module, "PART_CLASSES", {"images_background": 160, "images_evaluation": 6}
+    )
     omni = tmp_path / "omniglot"
     _fake_omniglot_tree(omni / "images_background", [f"Bg{i:02d}" for i in range(40)], chars=4)
     _fake_omniglot_tree(omni / "images_evaluation", ["EvA", "EvB"], chars=3)
@@ -149,6 +153,21 @@ def test_original_png_layout_folder_and_zip(tmp_path):
     assert splits.test.images.mean() < 60  # inverted: ink high
     full = load_omniglot(tmp_path, image_size=105, download=False)
     assert (full.test.images == 255).sum() > 0 and set(np.unique(full.test.images)) <= {0, 255}
+
+
+def test_partial_omniglot_is_refused(tmp_path, monkeypatch):
+    pytest.importorskip("PIL", reason="Pillow is needed to read the original PNG layout")
+    omni = tmp_path / "omniglot"
+    _fake_omniglot_tree(omni / "images_background", ["BgA", "BgB"])
+    _fake_omniglot_tree(omni / "evaluation_tree" / "images_evaluation", ["EvA"], chars=3)
+    with zipfile.ZipFile(omni / "images_evaluation.zip", "w") as archive:
+        for png in sorted((omni / "evaluation_tree").rglob("*.png")):
+            archive.write(png, png.relative_to(omni / "evaluation_tree").as_posix())
+    with pytest.raises(DataError, match=r"images_background holds 4 .*expected 964.*Delete it"):
+        load_omniglot(tmp_path, download=False)
+    monkeypatch.setitem(omniglot_module.PART_CLASSES, "images_background", 4)
+    with pytest.raises(DataError, match=r"images_evaluation\.zip holds 3 .*expected 659"):
+        load_omniglot(tmp_path, download=False)
 
 
 def test_missing_omniglot_names_files(tmp_path):

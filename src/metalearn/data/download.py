@@ -1,9 +1,9 @@
 """Atomic, verified HTTP downloads with urllib only.
 
-`download` streams into a temp file next to `dest`, checks the length (and sha256 when given) and
-only then renames it into place, so `dest` is either complete or absent. Every failure (offline,
-HTTP error, interrupted transfer, hash mismatch) is a DataError; callers add which files to put
-where.
+`download` streams into a temp file next to `dest`, checks the length (and a Range reply's
+Content-Range, the sha256/md5 when given) and only then renames it into place, so `dest` is either
+complete or absent. Every failure (offline, HTTP error, interrupted transfer, wrong slice, hash
+mismatch) is a DataError; callers add which files to put where.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -38,12 +39,37 @@ def _expected_length(response, url: str, byte_range: tuple[int, int] | None) -> 
     """Bytes to read: Content-Length, clipped to the range when a server ignored the Range."""
     length = response.headers.get("Content-Length")
     length = int(length) if length is not None else None
-    if byte_range is None or response.status == 206:
+    if byte_range is None:
         return length
+    if response.status == 206:
+        return _check_content_range(response, url, byte_range, length)
     if byte_range[0] != 0:  # a 200 reply to a Range request carries the whole file
         raise DataError(f"{url}: the server ignored the Range header; cannot fetch a slice")
     wanted = byte_range[1] + 1
     return wanted if length is None else min(wanted, length)
+
+
+def _check_content_range(response, url: str, byte_range: tuple[int, int], length: int | None):
+    """A 206 reply's Content-Range (when sent) must start where asked, end no later, and agree
+    with Content-Length; returns the byte count to read (a shorter slice is the caller's to judge).
+    """
+    header = response.headers.get("Content-Range")
+    if header is None:
+        return length
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", header.strip())
+    span = int(match[2]) - int(match[1]) + 1 if match else None
+    if (
+        match is None
+        or int(match[1]) != byte_range[0]
+        or int(match[2]) > byte_range[1]
+        or (length is not None and length != span)
+    ):
+        raise DataError(
+            f"{url}: asked for bytes {byte_range[0]}-{byte_range[1]}, the server replied with"
+            f" Content-Range {header!r} and Content-Length {length}: not that slice. Try again"
+            " later, or use another server"
+        )
+    return span
 
 
 def _stream(url: str, out, byte_range, timeout: float) -> int:
@@ -91,21 +117,22 @@ def download(
             _stream(url, hasher, byte_range, timeout)
             out.flush()
             os.fsync(out.fileno())
-        if sha256 is not None and hasher.hexdigest() != sha256.lower():
-            raise DataError(
-                f"download of {url} has sha256 {hasher.hexdigest()}, expected {sha256}: the file"
-                f" is corrupt or has changed upstream; nothing was written to {dest}"
-            )
-        if md5 is not None and hasher.md5.hexdigest() != md5.lower():
-            raise DataError(
-                f"download of {url} has md5 {hasher.md5.hexdigest()}, expected {md5}: the file"
-                f" is corrupt or has changed upstream; nothing was written to {dest}"
-            )
+        _check_hash(url, dest, "sha256", hasher.hexdigest(), sha256)
+        _check_hash(url, dest, "md5", hasher.md5.hexdigest(), md5)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def _check_hash(url: str, dest: Path, kind: str, got: str, want: str | None) -> None:
+    if want is not None and got != want.lower():
+        raise DataError(
+            f"download of {url} has {kind} {got}, expected {want}: the file is truncated, corrupt"
+            f" or not the expected one (changed upstream, or a bad mirror); nothing was written to"
+            f" {dest}. Try again, or fetch {dest.name} from its official source"
+        )
 
 
 def read_url(url: str, byte_range: tuple[int, int] | None = None, timeout: float = 60.0) -> bytes:

@@ -7,7 +7,9 @@ Files read from `<root>/omniglot/`, first match wins, for each of the two parts
 2. `<part>.npz` (105x105; resized when image_size is not 105),
 3. `<part>/<Alphabet>/<characterNN>/*.png` (the unpacked official release; needs Pillow),
 4. `<part>.zip` (the official zip of github.com/brendenlake/omniglot `python/`; needs Pillow),
-5. otherwise, if download is on, that zip is fetched from `BASE_URL` (then read as in 4).
+5. otherwise, if download is on, that zip is fetched from `BASE_URL` (then read as in 4); its
+   published md5 (`ZIP_MD5`) is checked whatever the URL, so a mirror must serve the same zip.
+Whatever the format, each part must hold its official number of characters (`PART_CLASSES`).
 
 Split rule (fixed, by whole alphabets):
 - meta-test = all of `images_evaluation` (659 classes, 20 alphabets);
@@ -36,12 +38,16 @@ PARTS = ("images_background", "images_evaluation")
 NATIVE_SIZE = 105
 VAL_MIN_CLASSES = 150
 BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
+# Characters per part. Checked for every format (npz, PNG folder, zip) so a partial copy cannot
+# silently give another split; a module constant so tests with tiny fake datasets can patch it.
+PART_CLASSES = {"images_background": 964, "images_evaluation": 659}
 # sha256 of the official zips. Unknown here: no machine this was written on was online, so these
-# are NOT verified yet (download() then skips the hash check; the zip is still checked to open
-# and to hold 964/659 equal-sized classes). Put the real hex digests here to make it mandatory.
+# are NOT verified yet (download() then skips the sha256 check; the md5 below is still checked, and
+# the zip to open and hold PART_CLASSES equal-sized classes). Put the real hex digests here.
 ZIP_SHA256: dict[str, str | None] = {"images_background.zip": None, "images_evaluation.zip": None}
 # md5 of the official zips as published (torchvision's Omniglot and others use the same values):
-# always verified when downloading from BASE_URL.
+# always verified, whatever base_url (a mirror must serve the same bytes; this also catches a
+# truncated body that came without a Content-Length).
 ZIP_MD5 = {
     "images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
@@ -107,14 +113,19 @@ def load_part(folder, part, image_size, download, base_url, hashes) -> ClassImag
         if not download:
             raise DataError(missing_message(folder, image_size) + " (data.download is false)")
         try:
-            md5 = ZIP_MD5.get(path.name) if base_url == BASE_URL else None
-            fetch(base_url + path.name, path, sha256=hashes.get(path.name), md5=md5)
+            fetch(base_url + path.name, path, sha256=hashes.get(path.name), md5=ZIP_MD5[path.name])
         except DataError as err:
             raise DataError(f"{err}\n{missing_message(folder, image_size)}") from err
     if path.suffix == ".npz":
         classes = read_npz(path, folder)
     else:
         classes = read_pngs(path)
+    if classes.num_classes != PART_CLASSES[part]:
+        raise DataError(
+            f"{path} holds {classes.num_classes} Omniglot characters, expected"
+            f" {PART_CLASSES[part]} for {part}: it is partial or not the official release. Delete"
+            f" it and put the complete one back (official zip: {BASE_URL}{part}.zip)"
+        )
     return ClassImages(resize_images(classes.images, image_size), classes.names, classes.groups)
 
 

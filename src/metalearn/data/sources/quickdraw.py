@@ -151,7 +151,14 @@ def fetch_bitmap_rows(url: str, dest: Path, rows: int, timeout: float = 60.0) ->
     if shape[0] < rows:
         raise ConfigError(f"{url} has only {shape[0]} drawings: lower data.quickdraw_rows={rows}")
     start = head.tell()
-    body = read_url(url, (start, start + rows * SIDE * SIDE - 1), timeout)
+    wanted = rows * SIDE * SIDE
+    body = read_url(url, (start, start + wanted - 1), timeout)
+    if len(body) != wanted:  # a short 206 reply: the server sent less than the rows it declared
+        raise DataError(
+            f"Quick, Draw! category {dest.stem!r}: {url} sent {len(body)} bytes for its first"
+            f" {rows} drawings, expected {wanted} (bytes {start}-{start + wanted - 1}); nothing was"
+            f" saved. Try again, lower data.quickdraw_rows, or put {dest.name} in {dest.parent}/"
+        )
     array = np.frombuffer(body, dtype=np.uint8).reshape(rows, SIDE * SIDE)
     save_npy_atomic(array, dest)
     return array
