@@ -255,3 +255,10 @@ def test_omniglot_mirror_is_md5_checked(server, tmp_path, monkeypatch):
         server.files["/mirror/" + name] = data
     assert load_omniglot(tmp_path, base_url=mirror).test.num_classes == 6
     assert leftovers(target) == sorted(zips)
+
+
+def test_failed_download_leaves_no_new_folders(tmp_path):
+    dest = tmp_path / "new" / "omniglot" / "images_background.zip"
+    with pytest.raises(DataError):
+        download("http://127.0.0.1:9/images_background.zip", dest, timeout=5)
+    assert list(tmp_path.iterdir()) == []

@@ -9,7 +9,7 @@ import pytest
 
 from metalearn.data.sources import load_splits
 from metalearn.data.sources import omniglot as omniglot_module
-from metalearn.data.sources.base import ClassImages
+from metalearn.data.sources.base import ClassImages, load_npz
 from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.sources.quickdraw import CATEGORIES, load_quickdraw, read_bitmap_file
 from metalearn.data.splits import Splits, check_disjoint
@@ -186,6 +186,17 @@ def test_corrupt_npz_names_file(tmp_path):
     np.savez(omni / "images_background_28.npz", images=np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(DataError, match=r"images_background_28\.npz lacks .*labels"):
         load_omniglot(tmp_path, download=False)
+
+
+def test_npz_corrupt_in_the_middle_names_file(tmp_path):
+    # damaged compressed data: zlib's own error must come out as a DataError naming the file
+    path = tmp_path / "a.npz"
+    np.savez_compressed(path, images=np.random.default_rng(0).integers(0, 255, (64, 28, 28)))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"a\.npz is unreadable or corrupt"):
+        load_npz(path, ("images",), "fetch it again")
 
 
 def test_numpy_bitmap_files_load(tmp_path):

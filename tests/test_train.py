@@ -219,6 +219,24 @@ def test_cli_multirun_writes_one_metrics_per_job(tmp_path, data_root):
     assert "inner_lr" in proc.stdout  # the config tree was printed
 
 
+def test_cli_error_is_one_message_and_keeps_earlier_results(tmp_path, data_root):
+    # A finished run, then a typo while resuming in its directory: a short message naming the
+    # fix, exit status 1, and the finished run's metrics.json untouched.
+    from tests.helpers import TINY
+
+    run_with(tmp_path, data_root, "test=false")
+    before = (tmp_path / "metrics.json").read_text()
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "train.py", *TINY, "ways=2000", f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "lower ways to at most" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "metrics.json").read_text() == before
+    failed = json.loads((tmp_path / "metrics.failed.json").read_text())
+    assert failed["status"] == "failed" and "ways=2000" in failed["error"]
+
+
 def test_help_lists_groups_and_examples():
     proc = subprocess.run(
         [sys.executable, "train.py", "--help"],

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -159,9 +161,20 @@ def write_metrics(out: Path, metrics: dict) -> None:
 
     if rank_zero_only.rank != 0:  # DDP: all ranks hold the same (gathered) metrics; rank 0 writes
         return
-    tmp = out / "metrics.json.tmp"
+    name = "metrics.json"
+    if metrics.get("status") == "failed" and previous_status(out / name) == "ok":
+        name = "metrics.failed.json"  # e.g. a typo when resuming in place: keep the results
+        log.warning("this run failed; %s keeps the earlier completed run's results", out / name)
+    tmp = out / f"{name}.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    tmp.replace(out / "metrics.json")
+    tmp.replace(out / name)
+
+
+def previous_status(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def in_multirun() -> bool:
@@ -178,7 +191,8 @@ def main(cfg: DictConfig) -> float | None:
     """Entry point of ``train.py``: returns ``val/acc_best`` for Hydra sweepers.
 
     In a sweep (``-m``) a failing job is recorded in its metrics.json and logged, and the
-    sweep goes on with the next job; a single run re-raises, so the exit status is non-zero.
+    sweep goes on with the next job. A single run prints the error's message (no traceback:
+    it names the fix; ``HYDRA_FULL_ERROR=1`` shows the traceback) and exits with status 1.
     """
     from metalearn.pool import sweep_job
 
@@ -186,7 +200,11 @@ def main(cfg: DictConfig) -> float | None:
         with sweep_job(cfg):  # own GPU under hydra/launcher=gpu_pool; no DDP state left after
             return run(cfg).get("val/acc_best")
     except MetalearnError as err:
-        if not in_multirun():
+        if in_multirun():
+            log.error("job failed, sweep continues: %s", err)
+            return None
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error("job failed, sweep continues: %s", err)
-        return None
+        print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
+        print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None

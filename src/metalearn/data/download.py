@@ -109,6 +109,7 @@ def download(
     verified file.
     """
     dest = Path(dest)
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
@@ -122,6 +123,8 @@ def download(
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        for folder in created:  # deepest first: leave no folders behind that this call made
+            folder.rmdir()
         raise
     return dest
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def load_npz(path: Path, keys: tuple[str, ...], fix: str) -> dict[str, np.ndarra
             return {k: archive[k] for k in keys}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DataError(f"{path} is unreadable or corrupt ({err}). Delete it; {fix}") from err
 
 
