@@ -99,6 +99,19 @@ def test_ddp_shares_partition_test_episodes(data_root):
     assert not same(train0, train1), "ranks must train on different episodes"
 
 
+def test_auto_queries_fit_the_images_left_after_the_shots(data_root):
+    # Omniglot has 20 images per class: the README's sweep shots=1,5,10 works by default
+    assert [make(data_root, "omniglot", shots=k, queries="auto").queries for k in (1, 5, 10)] == [
+        15,
+        15,
+        10,
+    ]
+    dm = make(data_root, "omniglot", shots=10, queries="auto")
+    assert next(iter(dm.train_dataloader())).query_x.shape[1] == 5 * 10
+    with pytest.raises(ConfigError, match="shots=20: lower shots"):
+        make(data_root, "omniglot", shots=20, queries="auto")
+
+
 def test_fewer_eval_episodes_than_ranks_is_a_clear_error(data_root):
     dm = make(data_root, rank=1, world_size=4, val_episodes=3)
     with pytest.raises(ConfigError, match="data.val_episodes=3 is fewer than the 4 DDP"):

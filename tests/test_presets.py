@@ -68,13 +68,20 @@ def test_ff15_quickdraw_20_samples_switches_lrs_and_batch():
         _ = compose("experiment=ff15_quickdraw", "data.samples_per_class=50").algo.inner_lr
 
 
-def test_ff15_quickdraw_other_sample_count_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("experiment=ff15_quickdraw", "data.samples_per_class=50"), "samples_per_class=100 or 20"),
+        (("experiment=maml_omniglot", "ways=7"), "ways=5 or 20"),
+    ],
+)
+def test_preset_without_a_row_for_the_value_is_a_clear_error(tmp_path, overrides, message):
     from metalearn.errors import ConfigError
     from metalearn.train import run
 
-    cfg = compose("experiment=ff15_quickdraw", "data.samples_per_class=50")
+    cfg = compose(*overrides)
     cfg.output_dir = str(tmp_path)
-    with pytest.raises(ConfigError, match="data.samples_per_class=100 or 20"):
+    with pytest.raises(ConfigError, match=message):
         run(cfg)
     assert '"status": "failed"' in (tmp_path / "metrics.json").read_text()
 

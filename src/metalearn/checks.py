@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metalearn.errors import ConfigError
 
@@ -10,6 +10,8 @@ from metalearn.errors import ConfigError
 def validate_config(cfg: DictConfig) -> None:
     check_preset_rows(cfg)
     for key in ("ways", "shots", "queries"):
+        if key == "queries" and cfg[key] == "auto":
+            continue
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer, e.g. {key}=5")
     if cfg.ways < 2:
@@ -24,17 +26,24 @@ def validate_config(cfg: DictConfig) -> None:
         )
 
 
+# Presets that pick settings from a table by a key: (table in the config, the key, its name).
+PRESET_TABLES = {
+    "experiment=ff15_quickdraw": ("ff15", "data.samples_per_class"),
+    "experiment=maml_omniglot": ("maml_omniglot", "ways"),
+}
+
+
 def check_preset_rows(cfg: DictConfig) -> None:
-    """experiment=ff15_quickdraw picks its rates by data.samples_per_class from a table; any
-    other value would surface as an interpolation error deep in the config."""
-    table = cfg.get("ff15")
-    if table is None:
-        return
-    rows = [k for k in table if k != "selected"]
-    value = cfg.data.get("samples_per_class")
-    if str(value) not in rows:
-        raise ConfigError(
-            f"experiment=ff15_quickdraw has settings for data.samples_per_class in "
-            f"{{{', '.join(rows)}}}, not {value}: set data.samples_per_class="
-            f"{' or '.join(rows)} (the report's two settings)"
-        )
+    """Presets such as experiment=ff15_quickdraw pick their settings from a table by a key;
+    any other value would surface as an interpolation error deep in the config."""
+    for preset, (table_key, key) in PRESET_TABLES.items():
+        table = cfg.get(table_key)
+        if table is None:
+            continue
+        rows = [k for k in table if k != "selected"]
+        value = OmegaConf.select(cfg, key)
+        if str(value) not in rows:
+            raise ConfigError(
+                f"{preset} has settings for {key} in {{{', '.join(rows)}}}, not {value}: set "
+                f"{key}={' or '.join(rows)}"
+            )

@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build(cfg.data)
         datamodule.setup()  # raises ConfigError/DataError before anything is trained
+        metrics["queries"] = datamodule.queries  # queries=auto resolved
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
         loggers = build_loggers(cfg)
@@ -81,6 +82,7 @@ def run(cfg: DictConfig) -> dict:
             best = checkpoint.best_model_path or None
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = collect_metrics(cfg, trainer, algo, checkpoint, time.time() - start)
+        metrics["queries"] = datamodule.queries
     except BaseException as err:
         metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         raise

@@ -37,6 +37,7 @@ from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 
 EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
+AUTO_QUERIES = 15  # queries=auto: 15 per class, or what a class has left after the shots
 AUTO_CUDA_WORKERS = 2  # data.num_workers=auto on a CUDA device
 
 
@@ -141,7 +142,7 @@ class EpisodeDataModule(L.LightningDataModule):
         root: str,
         ways: int,
         shots: int,
-        queries: int,
+        queries: int | str,
         meta_batch_size: int,
         batches_per_epoch: int = 100,
         val_episodes: int = 600,
@@ -168,7 +169,7 @@ class EpisodeDataModule(L.LightningDataModule):
             1,
             ways=ways,
             shots=shots,
-            queries=queries,
+            queries=1 if queries == "auto" else queries,
             meta_batch_size=meta_batch_size,
             batches_per_epoch=batches_per_epoch,
             eval_batch_size=eval_batch_size,
@@ -189,7 +190,8 @@ class EpisodeDataModule(L.LightningDataModule):
             raise ConfigError(f"data.rank={rank} must be in 0..world_size-1 ({world_size - 1})")
         # no save_hyperparameters(): keys like `name`/`seed` would clash with the algorithm's
         self.name, self.root = name, str(root)
-        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.ways, self.shots = int(ways), int(shots)
+        self.queries: int | str = queries if queries == "auto" else int(queries)  # see setup
         self.meta_batch_size, self.batches_per_epoch = int(meta_batch_size), int(batches_per_epoch)
         self.val_episodes, self.test_episodes = int(val_episodes), int(test_episodes)
         self.eval_batch_size, self.num_workers = int(eval_batch_size), num_workers
@@ -236,6 +238,13 @@ class EpisodeDataModule(L.LightningDataModule):
                 + (" (or set data.rotations=true)" if not self.rotations else "")
             )
         per_class = min(c.images_per_class for _, c in splits.items())
+        if self.queries == "auto":
+            if self.shots >= per_class:
+                raise ConfigError(
+                    f"data={self.name} has {per_class} images per class but shots={self.shots}:"
+                    " lower shots, leaving images for the queries"
+                )
+            self.queries = min(AUTO_QUERIES, per_class - self.shots)
         if self.shots + self.queries > per_class:
             raise ConfigError(
                 f"data={self.name} has {per_class} images per class but shots+queries ="
