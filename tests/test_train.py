@@ -178,6 +178,13 @@ def test_resume_in_a_new_directory_keeps_the_earlier_best(tmp_path, data_root):
     assert metrics["val/acc_best"] == accs[0]
 
 
+def test_run_shorter_than_an_epoch_validates_its_final_weights(tmp_path, data_root):
+    metrics = run_with(tmp_path, data_root, "trainer.max_steps=1", "data.batches_per_epoch=5")
+    assert [h["step"] for h in metrics["curve"]] == [1]
+    assert metrics["val/acc_best"] == metrics["curve"][0]["val/acc"] > 0
+    assert metrics["best_checkpoint"].endswith("last.ckpt") and np.isfinite(metrics["test/acc"])
+
+
 def test_metrics_json_has_contract_keys(tmp_path, data_root):
     metrics = run_with(tmp_path, data_root)
     for key in (

@@ -14,4 +14,4 @@ class DataError(MetalearnError, FileNotFoundError):
 
 
 class NonFiniteLossError(MetalearnError, FloatingPointError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+    """Training produced a NaN/inf loss; the weights were not updated, checkpoints are kept."""

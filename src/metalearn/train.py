@@ -77,11 +77,23 @@ def run(cfg: DictConfig) -> dict:
             trainer.fit(algo, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except NonFiniteLossError as err:
             kept = last.best_model_path or checkpoint.best_model_path or "none yet"
-            raise NonFiniteLossError(f"{err} Last good checkpoint: {kept}") from err
+            raise NonFiniteLossError(
+                f"{err} Last checkpoint, written before the failure (finite weights; check its"
+                f" val/acc before resuming from it): {kept}"
+            ) from err
+        best = checkpoint.best_model_path or None
+        if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
+            log.warning(
+                "no validation ran during training (trainer.max_steps=%s is shorter than an "
+                "epoch, data.batches_per_epoch=%s): validating the final weights once",
+                cfg.trainer.max_steps,
+                datamodule.batches_per_epoch,
+            )
+            trainer.validate(algo, datamodule=datamodule, verbose=False)
+            best = last.best_model_path or None  # last.ckpt: the weights just validated
         if cfg.get("test", True):
-            best = checkpoint.best_model_path or None
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
-        metrics = collect_metrics(cfg, trainer, algo, checkpoint, time.time() - start)
+        metrics = collect_metrics(cfg, trainer, algo, best, time.time() - start)
         metrics["queries"] = datamodule.queries
     except BaseException as err:
         metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -138,7 +150,7 @@ def run_info(cfg: DictConfig) -> dict:
     }
 
 
-def collect_metrics(cfg, trainer, algo, checkpoint, wall_s: float) -> dict:
+def collect_metrics(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
     logged = {
         k: float(v)
         for k, v in trainer.callback_metrics.items()
@@ -153,7 +165,7 @@ def collect_metrics(cfg, trainer, algo, checkpoint, wall_s: float) -> dict:
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "wall_s": round(wall_s, 2),
-        "best_checkpoint": checkpoint.best_model_path,
+        "best_checkpoint": best or "",
         "curve": algo.history,
     }
 

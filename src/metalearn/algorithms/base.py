@@ -58,6 +58,7 @@ class EpisodicModule(L.LightningModule):
         self.cosine, self.min_lr = cosine, min_lr
         self.val_best = 0.0
         self.history: list[dict] = []
+        self.validated = 0  # validation epochs run by this process (not saved in checkpoints)
         self._eval_accs: list[torch.Tensor] = []
 
     # ---- hooks for subclasses -------------------------------------------------------
@@ -109,7 +110,7 @@ class EpisodicModule(L.LightningModule):
             what = f"({loss.item()})" if not finite else "on another DDP rank"
             raise NonFiniteLossError(
                 f"non-finite training loss {what} at step {self.global_step}; the "
-                "weights were not updated and the last good checkpoint is kept. Lower the "
+                "weights were not updated and the last checkpoint is kept. Lower the "
                 "learning rates (algo.optimizer.lr, algo.inner_lr) or check the data."
             )
 
@@ -211,6 +212,7 @@ class EpisodicModule(L.LightningModule):
         if self.trainer.sanity_checking or accs.numel() == 0:
             return
         acc, ci = mean_ci95(accs)
+        self.validated += 1
         self.val_best = max(self.val_best, acc)
         self.history.append(
             {
