@@ -159,6 +159,26 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
     assert hist[-1]["step"] == 6
 
 
+def test_resume_checks_the_checkpoints_settings(tmp_path, data_root, caplog):
+    run_with(tmp_path / "first", data_root, "test=false")
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"another network.*model.channels: 8 -> 4"):
+        run_with(tmp_path / "b", data_root, "model.channels=4", f"ckpt_path={ckpt}")
+    with pytest.raises(ConfigError, match="no such file"):
+        run_with(tmp_path / "c", data_root, f"ckpt_path={tmp_path / 'nothing.ckpt'}")
+    with caplog.at_level("WARNING", logger="metalearn.train"):
+        run_with(
+            tmp_path / "d",
+            data_root,
+            "shots=2",
+            "trainer.max_steps=3",
+            "test=false",
+            f"ckpt_path={ckpt}",
+        )
+    (warning,) = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+    assert warning.endswith("changed settings: data.shots: 1 -> 2; shots: 1 -> 2")  # not max_steps
+
+
 def test_resume_in_a_new_directory_keeps_the_earlier_best(tmp_path, data_root):
     # Resumed with no inner adaptation, validation falls to chance: the earlier run's best
     # checkpoint must stay the best and be the one tested.

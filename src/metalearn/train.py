@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn import checks
-from metalearn.errors import MetalearnError, NonFiniteLossError
+from metalearn.errors import ConfigError, MetalearnError, NonFiniteLossError
 from metalearn.utils import finish_loggers, print_config_tree
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ def run(cfg: DictConfig) -> dict:
         datamodule.setup()  # raises ConfigError/DataError before anything is trained
         metrics["queries"] = datamodule.queries  # queries=auto resolved
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
+        algo.run_config = run_settings(cfg)
+        if cfg.get("ckpt_path"):
+            check_resume(cfg.ckpt_path, algo.run_config)
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
         loggers = build_loggers(cfg)
         trainer = build(
@@ -84,8 +87,8 @@ def run(cfg: DictConfig) -> dict:
         best = checkpoint.best_model_path or None
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
             log.warning(
-                "no validation ran during training (trainer.max_steps=%s is shorter than an "
-                "epoch, data.batches_per_epoch=%s): validating the final weights once",
+                "no validation ran in this fit (it stopped before an epoch's end: "
+                "trainer.max_steps=%s, data.batches_per_epoch=%s): validating the final weights",
                 cfg.trainer.max_steps,
                 datamodule.batches_per_epoch,
             )
@@ -102,6 +105,72 @@ def run(cfg: DictConfig) -> dict:
         write_metrics(out, metrics)
         finish_loggers(loggers, failed=metrics.get("status") == "failed")
     return metrics
+
+
+# Keys that may change when resuming: where to read and write, how long to train, how to log,
+# which engine computes the (same) inner loop.
+FREE_TO_CHANGE = (
+    "ckpt_path",
+    "output_dir",
+    "print_config",
+    "test",
+    "trainer.",
+    "logger.",
+    "engine.",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+)
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """The run's settings as flat ``key: value`` pairs (saved in checkpoints)."""
+    flat: dict = {}
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
+    return {k: v for k, v in flat.items() if not k.startswith("hydra.")}
+
+
+def check_resume(ckpt_path: str, settings: dict) -> None:
+    """Compare the settings a checkpoint was trained with to this run's, before resuming.
+
+    Another network or algorithm (``model.*``, ``algo._target_``, ``ways``) cannot load the
+    checkpoint: ConfigError listing the differences. Other changes (shots, data, learning
+    rates, ...) are allowed, with a warning listing them: the curve will mix both settings.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path}: no such file (e.g. <run dir>/checkpoints/last.ckpt)"
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling/zip problem: the file is not a checkpoint
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint ({err})") from err
+    before = (saved.get("metalearn") or {}).get("config")
+    if not before:
+        return  # written before checkpoints recorded their settings
+    changed = {
+        k: (before.get(k), settings.get(k))
+        for k in sorted(set(before) | set(settings))
+        if before.get(k) != settings.get(k) and not k.startswith(FREE_TO_CHANGE)
+    }
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
+    hard = [k for k in changed if k.startswith("model.") or k in ("algo._target_", "ways")]
+    if hard:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was trained with another network or algorithm ({listed}):"
+            f" resume with its settings (see {path.parent.parent}/.hydra/overrides.yaml)"
+        )
+    if changed:
+        log.warning("resuming %s with changed settings: %s", ckpt_path, listed)
 
 
 class BestCheckpoint(ModelCheckpoint):

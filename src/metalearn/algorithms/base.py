@@ -59,6 +59,7 @@ class EpisodicModule(L.LightningModule):
         self.val_best = 0.0
         self.history: list[dict] = []
         self.validated = 0  # validation epochs run by this process (not saved in checkpoints)
+        self.run_config: dict | None = None  # the run's composed config, set by train.run
         self._eval_accs: list[torch.Tensor] = []
 
     # ---- hooks for subclasses -------------------------------------------------------
@@ -234,7 +235,11 @@ class EpisodicModule(L.LightningModule):
 
     # ---- checkpoint state beyond parameters -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["metalearn"] = {"val_best": self.val_best, "history": self.history}
+        checkpoint["metalearn"] = {
+            "val_best": self.val_best,
+            "history": self.history,
+            "config": self.run_config,  # what train.run was given (checked when resuming)
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming a fit restores the curve; testing the *best* checkpoint after a fit must not
