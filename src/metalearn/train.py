@@ -66,6 +66,9 @@ def run(cfg: DictConfig) -> dict:
         metrics["queries"] = datamodule.queries  # queries=auto resolved
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
         algo.run_config = run_settings(cfg)
+        if not algo.uses_engine:
+            log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
+            metrics["engine"] = None
         if cfg.get("ckpt_path"):
             check_resume(cfg.ckpt_path, algo.run_config)
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
@@ -98,6 +101,8 @@ def run(cfg: DictConfig) -> dict:
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = collect_metrics(cfg, trainer, algo, best, time.time() - start)
         metrics["queries"] = datamodule.queries
+        if not algo.uses_engine:
+            metrics["engine"] = None
     except BaseException as err:
         metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         raise
@@ -214,7 +219,7 @@ def run_info(cfg: DictConfig) -> dict:
         "shots": cfg.shots,
         "queries": cfg.queries,
         "seed": cfg.seed,
-        "engine": cfg.engine._target_.rsplit(".", 1)[-1],
+        "engine": cfg.engine._target_.rsplit(".", 1)[-1].removesuffix("Engine").lower(),
         "samples_per_class": cfg.data.get("samples_per_class"),
     }
 

@@ -40,6 +40,8 @@ def cosine_factor(step: int, total: int, base: float, min_lr: float = 0.0) -> fl
 class EpisodicModule(L.LightningModule):
     """Base class. Subclasses implement ``training_step`` and ``evaluate(episodes)``."""
 
+    uses_engine = False  # whether the ``engine`` config (the differentiable inner loop) is used
+
     def __init__(
         self,
         model: Callable[..., nn.Module] | nn.Module,

@@ -72,6 +72,8 @@ def plain_sgd(opt: torch.optim.Optimizer) -> bool:
 class GBML(EpisodicModule):
     """MAML and its family. Args are the ``algo`` config keys (see conf/algo/maml.yaml)."""
 
+    uses_engine = True
+
     def __init__(
         self,
         model,
