@@ -34,6 +34,13 @@ def test_render_episode_writes_png(data_root, tmp_path, dataset, split):
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.05
 
 
+def test_unknown_split_is_a_clear_error(data_root, tmp_path):
+    from metalearn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="choose one of val, test, train"):
+        render_episode(minimal_cfg(data_root, "quickdraw", tmp_path / "x.png", split="tset"))
+
+
 @pytest.mark.skipif(not (CONF / "train.yaml").exists(), reason="conf/train.yaml not written yet")
 def test_cli(data_root, tmp_path):
     out = tmp_path / "cli.png"

@@ -16,9 +16,11 @@ import matplotlib
 from omegaconf import DictConfig
 
 from metalearn.data.episodes import EpisodeIndices, materialise
+from metalearn.errors import ConfigError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 QUERY_COLUMNS = 10
+SPLITS = ("val", "test", "train")
 
 
 def episode_figure(support, query_x, query_y, class_names: list[str]):
@@ -54,9 +56,11 @@ def episode_figure(support, query_x, query_y, class_names: list[str]):
 
 def render_episode(cfg: DictConfig) -> Path:
     """Instantiate cfg.data, draw one episode of `split`, save the PNG; returns its path."""
+    split = cfg.get("split", "val")
+    if split not in SPLITS:
+        raise ConfigError(f"+split={split!r}: choose one of {', '.join(SPLITS)}")
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
-    split = cfg.get("split", "val")
     if split == "train":  # the first episode of the first training meta-batch
         indices = datamodule.train_dataset().indices(0)
     else:  # the first fixed val/test episode
