@@ -259,6 +259,7 @@ def test_cli_error_is_one_message_and_keeps_earlier_results(tmp_path, data_root)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert "lower ways to at most" in proc.stderr and "Traceback" not in proc.stderr
+    assert (proc.stdout + proc.stderr).count("Seed set to 42") == 1  # Lightning's lines once
     assert (tmp_path / "metrics.json").read_text() == before
     failed = json.loads((tmp_path / "metrics.failed.json").read_text())
     assert failed["status"] == "failed" and "ways=2000" in failed["error"]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn import checks
 from metalearn.errors import ConfigError, MetalearnError, NonFiniteLossError
-from metalearn.utils import finish_loggers, print_config_tree
+from metalearn.utils import finish_loggers, log_through_hydra, print_config_tree
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,7 @@ def main(cfg: DictConfig) -> float | None:
     """
     from metalearn.pool import sweep_job
 
+    log_through_hydra()
     try:
         with sweep_job(cfg):  # own GPU under hydra/launcher=gpu_pool; no DDP state left after
             return run(cfg).get("val/acc_best")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from omegaconf import DictConfig, OmegaConf
 
 ORDER = ("data", "algo", "model", "engine", "trainer", "logger")
@@ -37,3 +40,21 @@ def finish_loggers(loggers, failed: bool = False) -> None:
 
             logger.finalize("failed" if failed else "success")
             wandb.finish(exit_code=1 if failed else 0)
+
+
+def log_through_hydra() -> None:
+    """Lightning adds its own console handlers when it is imported before Hydra configures
+    logging; under Hydra its lines then print twice. Drop those handlers, so Lightning's lines
+    go through Hydra's (console and the job's log file) once."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))  # an advert
+    # lightning 2.6 with torch 2.13: a deprecation inside Lightning itself, on every run
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
