@@ -288,7 +288,7 @@ def phases(marks: list[float]) -> dict:
 def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
     import lightning as L
 
-    from metalearn.train import build
+    from metalearn.train import build, progress_bar
 
     steps = args.warmup + max(args.steps, 3)
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
@@ -351,7 +351,8 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
                 self.phases["bare"].append(phases([now, now, *marks[1:], self.mark]))
 
         timer = Interleave()
-        trainer = build(cfg.trainer, logger=False, callbacks=[timer], default_root_dir=out)
+        callbacks = [timer, *progress_bar(cfg)]  # as train.py: its progress bar included
+        trainer = build(cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=out)
         trainer.fit(algo, datamodule=dm)
     skip = max(args.warmup, 1)
     light, bare_ms = timer.lightning_ms[skip - 1 :], timer.bare_ms[skip:]

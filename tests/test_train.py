@@ -265,6 +265,18 @@ def test_cli_error_is_one_message_and_keeps_earlier_results(tmp_path, data_root)
     assert failed["status"] == "failed" and "ways=2000" in failed["error"]
 
 
+def test_progress_bar_counts_epochs_from_max_steps():
+    from types import SimpleNamespace
+
+    from metalearn.progress import MetaProgressBar
+
+    bar = MetaProgressBar()
+    bar._trainer = SimpleNamespace(max_steps=600, num_training_batches=100, max_epochs=-1)
+    assert bar._get_train_description(3).strip() == "Epoch 3/5"  # Lightning's: "Epoch 3/-2"
+    bar._trainer = SimpleNamespace(max_steps=-1, num_training_batches=100, max_epochs=4)
+    assert bar._get_train_description(0).strip() == "Epoch 0/3"
+
+
 def test_help_lists_groups_and_examples():
     proc = subprocess.run(
         [sys.executable, "train.py", "--help"],

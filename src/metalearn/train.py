@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict:
         trainer = build(
             cfg.trainer,
             logger=loggers or False,
-            callbacks=[checkpoint, last],
+            callbacks=[checkpoint, last, *progress_bar(cfg)],
             default_root_dir=str(out),
         )
         try:
@@ -193,6 +193,12 @@ class BestCheckpoint(ModelCheckpoint):
         if best and Path(best).is_file():
             state_dict = {**state_dict, "dirpath": self.dirpath}
         super().load_state_dict(state_dict)
+
+
+def progress_bar(cfg: DictConfig) -> list:
+    from metalearn.progress import MetaProgressBar
+
+    return [MetaProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
 
 
 def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
