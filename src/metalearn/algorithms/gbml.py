@@ -200,7 +200,12 @@ class GBML(EpisodicModule):
 
     def eval_loop(self) -> InnerLoop:
         return InnerLoop(
-            self.inner_steps_test, self.inner_rate, self.adapted, True, None, self.inner_optimizer
+            self.inner_steps_test,
+            self.inner_rate,
+            self.adapted,
+            first_order=True,
+            optimizer=self.inner_optimizer,
+            meta=False,
         )
 
     def training_step(self, episodes, batch_idx):

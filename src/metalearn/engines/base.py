@@ -48,6 +48,7 @@ class InnerLoop:
     step_weights: Sequence[float] | None = None
     optimizer: str = "sgd"  # sgd | momentum | adam (momentum and adam: higher engine only)
     momentum: float = 0.9
+    meta: bool = True  # False: adapt and score only (evaluation); no meta-objective to backward
 
     def weights(self) -> list[float]:
         if self.step_weights is None:

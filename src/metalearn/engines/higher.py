@@ -111,6 +111,8 @@ class HigherEngine:
     @staticmethod
     def _meta_term(q_loss, fmodel, theta, loop: InnerLoop, shifts, names):
         """The query loss (second order), or the first-order surrogate (see module doc)."""
+        if not loop.meta:  # evaluation: skip the surrogate's extra backward per episode
+            return q_loss.detach()
         if not loop.first_order:
             return q_loss
         grads = torch.autograd.grad(q_loss, list(fmodel.parameters()), allow_unused=True)
