@@ -244,6 +244,10 @@ def test_cli_multirun_writes_one_metrics_per_job(tmp_path, data_root):
     assert len(found) == 2
     assert {json.loads(p.read_text())["algo"] for p in found} == {"maml", "fomaml"}
     assert "inner_lr" in proc.stdout  # the config tree was printed
+    assert (
+        f"Sweep done: 2 jobs, 2 ok, 0 failed. Results table and curves: python -m "
+        f"metalearn.report {tmp_path}" in proc.stdout
+    )
 
 
 def test_cli_error_is_one_message_and_keeps_earlier_results(tmp_path, data_root):

@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 # overrides that are table axes (or the seed, averaged over), never part of a row's label
 AXES = {"algo", "algo.name", "data", "data.name", "ways", "shots", "seed", "data.samples_per_class"}
 # run bookkeeping that says nothing about the setting
@@ -484,6 +486,20 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
         console.print("no failed jobs")
     for kind, path in files.items():
         console.print(f"{kind}: {path}")
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/train.yaml): after a sweep, one line on how
+    its jobs ended and the command that turns it into the results table."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        root = Path(config.hydra.sweep.dir)
+        runs = collect(root)
+        failed = sum(not r.ok for r in runs)
+        print(
+            f"\nSweep done: {len(runs)} jobs, {len(runs) - failed} ok, {failed} failed."
+            f" Results table and curves: python -m metalearn.report {root}"
+        )
 
 
 def main(argv: Iterable[str] | None = None) -> int:
