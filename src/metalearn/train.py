@@ -302,4 +302,25 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
         print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        if configured_world_size(cfg) > 1:
+            exit_without_finalizers(1)
         raise SystemExit(1) from None
+
+
+def configured_world_size(cfg: DictConfig) -> int:
+    """Processes of a DDP run as configured (trainer=ddp/ddp_cpu: devices x num_nodes), else 1."""
+    trainer = cfg.trainer
+    devices = trainer.get("devices", 1)
+    if trainer.get("strategy") is None or not isinstance(devices, int):
+        return 1
+    return devices * int(trainer.get("num_nodes", 1))
+
+
+def exit_without_finalizers(status: int) -> None:
+    """Leave a failed DDP rank without interpreter shutdown: after a failed step, rank 0's
+    shutdown once hung for minutes in native code, its peer already gone (seen on a loaded
+    machine). By now metrics.json, the loggers and the checkpoints are written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(status)
