@@ -15,8 +15,10 @@ saved).
 Task data (``task_data``): "all" trains on the episode's support and query images together,
 as Nichol et al. train on every sample of a task (no train/test split is needed, since the
 outer update uses no query loss); "support" uses the support set only, exactly the K-shot
-condition met at test time. Evaluation fine-tunes on the support set for
-``inner_steps_test`` steps and scores the query set.
+condition met at test time. Under "all", ``train/acc`` scores query images the inner loop
+trained on (a fit accuracy, higher than held-out accuracy); ``val/acc`` is the held-out one.
+Evaluation fine-tunes on the support set for ``inner_steps_test`` steps and scores the query
+set.
 """
 
 from __future__ import annotations
