@@ -205,6 +205,12 @@ def test_run_shorter_than_an_epoch_validates_its_final_weights(tmp_path, data_ro
     assert metrics["best_checkpoint"].endswith("last.ckpt") and np.isfinite(metrics["test/acc"])
 
 
+def test_default_queries_fit_ten_shot_omniglot(tmp_path, data_root):
+    # the README's sweep shots=1,5,10 on the default config: 10 + 15 queries would not fit
+    metrics = run_with(tmp_path, data_root, "shots=10", "test=false")
+    assert metrics["status"] == "ok" and metrics["queries"] == 10
+
+
 def test_metrics_json_has_contract_keys(tmp_path, data_root):
     metrics = run_with(tmp_path, data_root)
     for key in (
