@@ -58,6 +58,13 @@ def test_unsupported_engine_is_refused_when_built(tmp_path, data_root, overrides
         run_with(tmp_path, data_root, *overrides)
 
 
+def test_unknown_key_names_the_close_ones(tmp_path, data_root):
+    with pytest.raises(
+        ConfigError, match=r"algo.inner_lrr is not a setting.*did you mean algo.inner_lr "
+    ):
+        run_with(tmp_path, data_root, "+algo.inner_lrr=0.1")
+
+
 def test_unknown_algo_lists_choices(tmp_path):
     with pytest.raises(HydraException, match="Available options"):
         compose_cfg(tmp_path, ["algo=mamba"])

@@ -6,9 +6,12 @@ The same path serves ``train.py``, Hydra sweepers (Optuna maximises the returned
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def build(node, **kwargs):
-    """``instantiate`` that surfaces our own errors (Hydra wraps them) unchanged."""
+    """``instantiate`` that surfaces our own errors (Hydra wraps them) unchanged, and names
+    the closest valid keys for a key the target does not take (e.g. ``+algo.inner_lrr``)."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -37,7 +41,25 @@ def build(node, **kwargs):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__))
+        if unknown:
+            raise unknown_key_error(node, unknown.group(1)) from err
         raise
+
+
+def unknown_key_error(node, key: str) -> ConfigError:
+    """ConfigError for a key that ``node._target_`` does not take, naming the close ones."""
+    from hydra.utils import get_object
+
+    where = node._get_full_key(None)
+    params = inspect.signature(get_object(node._target_)).parameters
+    valid = [p for p in params if p not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f"did you mean {' or '.join(f'{where}.{c}' for c in close)}? " if close else ""
+    return ConfigError(
+        f"{where}.{key} is not a setting of {node._target_}: {hint}"
+        f"(its settings: {', '.join(valid)})"
+    )
 
 
 def build_loggers(cfg: DictConfig) -> list:
