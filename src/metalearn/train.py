@@ -121,10 +121,7 @@ def run(cfg: DictConfig) -> dict:
             best = last.best_model_path or None  # last.ckpt: the weights just validated
         if cfg.get("test", True):
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
-        metrics = collect_metrics(cfg, trainer, algo, best, time.time() - start)
-        metrics["queries"] = datamodule.queries
-        if not algo.uses_engine:
-            metrics["engine"] = None
+        metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
     except BaseException as err:
         metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         raise
@@ -252,14 +249,14 @@ def run_info(cfg: DictConfig) -> dict:
     }
 
 
-def collect_metrics(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
+def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
+    """What a finished run adds to the metrics it started with (``run_info`` and the rest)."""
     logged = {
         k: float(v)
         for k, v in trainer.callback_metrics.items()
         if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
     }
     return {
-        **run_info(cfg),
         "status": "ok",
         **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
         "val/acc_best": algo.val_best,

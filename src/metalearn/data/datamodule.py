@@ -330,7 +330,7 @@ class EpisodeDataModule(L.LightningDataModule):
             sampler=sampler,
             shuffle=False,
             num_workers=workers,
-            persistent_workers=workers > 0,  # items are keyed by epoch: workers keep no state
+            persistent_workers=workers > 0,  # items are keyed by step: workers keep no state
             pin_memory=self._on_cuda(),
         )
 

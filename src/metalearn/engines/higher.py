@@ -64,7 +64,7 @@ class HigherEngine:
 
     def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
         named = dict(model.named_parameters())
-        theta = list(named.values())
+        names, theta = list(named), list(named.values())
         opt = inner_optimizer(loop, [named[n] for n in loop.adapt])
         weights = loop.weights()
         objectives, losses, accs = [], [], []
@@ -85,7 +85,7 @@ class HigherEngine:
                         grad_callback=recorder(seen) if keep else None,
                     )
                     if keep:
-                        g_t = dict(zip(named, seen[0], strict=True))
+                        g_t = dict(zip(names, seen[0], strict=True))
                         shifts += [
                             (n, r, g_t[n])
                             for n, r, is_learned in zip(loop.adapt, rates, learned, strict=True)
@@ -97,7 +97,7 @@ class HigherEngine:
                             q_loss = weights[t] * cross_entropy(logits, qy)
                             loss = loss + q_loss.detach()
                             objective = objective + self._meta_term(
-                                q_loss, fmodel, theta, loop, shifts, list(named)
+                                q_loss, fmodel, theta, loop, shifts, names
                             )
                 if logits is None:
                     logits = fmodel(qx, step=0)
