@@ -239,24 +239,15 @@ def test_meta_batch_must_divide_over_ranks(tmp_path):
     assert isinstance(err.value, ConfigError) or isinstance(err.value.__cause__, ConfigError)
 
 
-NAN_ON_RANK_1 = """
+PATCHED_TRAIN = """
+import os
 import sys
 import hydra
 sys.path.insert(0, {repo!r})
 import metalearn.pool  # noqa: F401
 from metalearn.algorithms.base import EpisodicModule
 
-outer_step = EpisodicModule.outer_step
-
-
-def nan_on_rank_1(self, objective):
-    if self.global_rank == 1 and self.global_step == 2:
-        objective = objective * float("nan")
-    return outer_step(self, objective)
-
-
-EpisodicModule.outer_step = nan_on_rank_1
-
+{patch}
 
 @hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")
 def main(cfg):
@@ -269,23 +260,47 @@ if __name__ == "__main__":
     main()
 """
 
+NAN_ON_RANK_1 = """
+outer_step = EpisodicModule.outer_step
+
+
+def nan_on_rank_1(self, objective):
+    if self.global_rank == 1 and self.global_step == 2:
+        objective = objective * float("nan")
+    return outer_step(self, objective)
+
+
+EpisodicModule.outer_step = nan_on_rank_1
+"""
+
+STOP_AT_STEP = """
+def stop_at_step(self, *args):
+    if self.global_step >= int(os.environ["STOP_AT_STEP"]):
+        self.trainer.should_stop = True
+
+
+EpisodicModule.on_train_batch_end = stop_at_step
+"""
+
+
+def patched_ddp_run(tmp_path, data_root, patch: str, *overrides: str, **env) -> int:
+    """``train.py`` on 2 gloo processes with ``patch`` applied in each; its exit status."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(PATCHED_TRAIN.format(repo=str(REPO), conf=str(REPO / "conf"), patch=patch))
+    cmd = [sys.executable, str(script), *ddp_command(*overrides)[2:]]
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline", **env}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode
+
 
 @pytest.mark.parametrize("algo", ["maml", pytest.param("reptile", marks=NO_REPTILE)])
 def test_nan_on_one_rank_stops_every_rank_before_the_step(algo, tmp_path, data_root):
     # Rank 1's loss turns NaN at step 2 (epoch 1); rank 0's stays finite. Both must stop with
     # NonFiniteLossError (no hang, no rank stepping with NaN-averaged gradients), and the
     # checkpoint of epoch 0 must stay as it was.
-    script = tmp_path / "nan_on_rank_1.py"
-    script.write_text(NAN_ON_RANK_1.format(repo=str(REPO), conf=str(REPO / "conf")))
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        str(script),
-        *ddp_command(f"algo={algo}", *EXTRA.get(algo, []), f"hydra.run.dir={run_dir}")[2:],
-    ]
-    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    overrides = (f"algo={algo}", *EXTRA.get(algo, []), f"hydra.run.dir={run_dir}")
+    assert patched_ddp_run(tmp_path, data_root, NAN_ON_RANK_1, *overrides) != 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "failed"
     assert metrics["error"].startswith("NonFiniteLossError"), metrics["error"]
@@ -293,3 +308,41 @@ def test_nan_on_one_rank_stops_every_rank_before_the_step(algo, tmp_path, data_r
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+@NO_REPTILE
+def test_reptile_resumes_every_ranks_inner_optimizer_state(tmp_path, data_root, caplog):
+    # Inner Adam carries its moments from step to step, and each rank's differ (other tasks):
+    # 2 processes stopped after step 2 and resumed must end where a straight run ends.
+    common = ["algo=reptile", "algo.inner_steps_test=3", "test=false"]
+    straight, first = tmp_path / "straight", tmp_path / "first"
+    for run_dir, stop in ((straight, 99), (first, 2)):
+        overrides = (*common, f"hydra.run.dir={run_dir}")
+        assert (
+            patched_ddp_run(tmp_path, data_root, STOP_AT_STEP, *overrides, STOP_AT_STEP=str(stop))
+            == 0
+        )
+    ckpt = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    states = ckpt["reptile_inner_states"]
+    assert len(states) == 2 and states[0].keys() == states[1].keys()
+    assert max_diff(*({n: s["exp_avg_sq"] for n, s in st.items()} for st in states)) > 0
+    resumed = tmp_path / "resumed"
+    run_ok(
+        ddp_command(
+            *common, f"hydra.run.dir={resumed}", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"
+        ),
+        data_root,
+    )
+    a, b = (parameters(d / "checkpoints" / "last.ckpt") for d in (straight, resumed))
+    assert max_diff(a, b) == 0
+    # one process cannot resume both ranks' states: it says so and starts from rank 0's
+    from metalearn.train import run
+
+    with caplog.at_level("WARNING", logger="metalearn.algorithms.reptile"):
+        cfg = compose(
+            tmp_path / "one",
+            [*common, "trainer.max_steps=3", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+        )
+        assert run(cfg)["status"] == "ok"
+    assert any("inner optimizer states of 2 processes" in r.getMessage() for r in caplog.records)

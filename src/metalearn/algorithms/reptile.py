@@ -9,8 +9,9 @@ over ranks) and an SGD outer optimizer whose learning rate is eps.
 The inner optimizer's state (Adam's moments and step count, momentum buffers) carries over
 from task to task and from one outer step to the next, as in Nichol et al.'s code (each task
 restarts from theta, not the optimizer); evaluation starts each episode from a copy of it. It
-is saved in checkpoints, so resuming is exact (under DDP each rank keeps its own; rank 0's is
-saved).
+is saved in checkpoints, so resuming is exact. Under DDP each rank keeps its own state and the
+checkpoint holds every rank's (a resume on another number of processes starts every rank from
+rank 0's, with a warning).
 
 Task data (``task_data``): "all" trains on the episode's support and query images together,
 as Nichol et al. train on every sample of a task (no train/test split is needed, since the
@@ -23,8 +24,11 @@ set.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.func import functional_call
 
 from metalearn.algorithms.base import EpisodicModule
@@ -33,6 +37,20 @@ from metalearn.engines.base import accuracy, check_inner_optimizer
 from metalearn.errors import ConfigError
 
 TASK_DATA = ("all", "support")
+log = logging.getLogger(__name__)
+
+
+def on_cpu(state: dict) -> dict:
+    return {n: {k: torch.as_tensor(v).cpu() for k, v in s.items()} for n, s in state.items()}
+
+
+def gathered(state: dict) -> list[dict]:
+    """Every rank's ``state`` (rank order), on the CPU; a collective call under DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [on_cpu(state)]
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, on_cpu(state))
+    return states
 
 
 def linear_factor(step: int, total: int, base: float) -> float:
@@ -156,11 +174,22 @@ class Reptile(EpisodicModule):
                 accs.append(accuracy(self.forward_with(phi, qx), qy))
         return torch.stack(accs)
 
-    # ---- checkpoint: the inner optimizer's state -----------------------------------------------
+    # ---- checkpoint: every rank's inner optimizer state -----------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning dumps the checkpoint on every rank (rank 0 writes it): gathering is safe
         super().on_save_checkpoint(checkpoint)
-        checkpoint["reptile_inner_state"] = self.inner_state
+        checkpoint["reptile_inner_states"] = gathered(self.inner_state)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.inner_state = dict(checkpoint.get("reptile_inner_state", {}))
+        states = checkpoint.get("reptile_inner_states", [{}])
+        rank, world = self.global_rank, self._trainer.world_size if self._trainer else 1
+        if len(states) != world:
+            log.warning(
+                "the checkpoint holds the inner optimizer states of %d processes and this run "
+                "has %d: every process resumes from process 0's",
+                len(states),
+                world,
+            )
+            rank = 0
+        self.inner_state = states[rank]  # on the CPU; fit() moves it to the parameters
