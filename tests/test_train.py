@@ -307,17 +307,23 @@ def test_help_lists_groups_and_examples():
 
 
 @pytest.mark.parametrize("algo", ["maml", "reptile"])
-def test_acc_pre_is_computed_on_logging_steps_only(tmp_path, data_root, monkeypatch, algo):
+def test_train_metrics_are_computed_and_logged_on_logging_steps_only(tmp_path, data_root, monkeypatch, algo):
     from metalearn.algorithms.base import EpisodicModule
 
-    calls = []
-    original = EpisodicModule.query_acc_before
+    calls, losses = [], []
+    original, log = EpisodicModule.query_acc_before, EpisodicModule.log
 
     def counted(self, episodes):
         calls.append(self.global_step)
         return original(self, episodes)
 
+    def logged(self, name, *args, **kwargs):
+        if name == "train/loss":
+            losses.append(self.global_step)
+        return log(self, name, *args, **kwargs)
+
     monkeypatch.setattr(EpisodicModule, "query_acc_before", counted)
+    monkeypatch.setattr(EpisodicModule, "log", logged)
     run_with(
         tmp_path,
         data_root,
@@ -328,6 +334,9 @@ def test_acc_pre_is_computed_on_logging_steps_only(tmp_path, data_root, monkeypa
         "trainer.log_every_n_steps=3",
     )
     assert calls == [2, 5]  # the steps whose logs are written, before their outer update
+    # and the first step, for the progress bar; not every step (logged after the outer update:
+    # global_step has counted it)
+    assert losses == [1, 3, 6]
     rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
     logged = [(int(r["step"]), float(r["train/acc_pre"])) for r in rows if r["train/acc_pre"]]
     assert [s for s, _ in logged] == [2, 5]
