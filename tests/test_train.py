@@ -307,7 +307,9 @@ def test_help_lists_groups_and_examples():
 
 
 @pytest.mark.parametrize("algo", ["maml", "reptile"])
-def test_train_metrics_are_computed_and_logged_on_logging_steps_only(tmp_path, data_root, monkeypatch, algo):
+def test_train_metrics_are_computed_and_logged_on_logging_steps_only(
+    tmp_path, data_root, monkeypatch, algo
+):
     from metalearn.algorithms.base import EpisodicModule
 
     calls, losses = [], []
