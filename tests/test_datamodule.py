@@ -239,3 +239,20 @@ def test_auto_workers_and_pinning_only_when_training_on_cuda(data_root, device, 
 def test_bad_num_workers_is_a_clear_error(data_root):
     with pytest.raises(ConfigError, match="num_workers"):
         make(data_root, num_workers="many")
+
+
+def test_workers_survive_ctrl_c(data_root):
+    # A terminal's Ctrl-C reaches the workers too; they must leave it to the main process,
+    # which finishes the step and validates (metalearn.interrupt).
+    import os
+    import signal
+    import time
+
+    loader = make(data_root, num_workers=1, batches_per_epoch=4).train_dataloader()
+    it = iter(loader)
+    next(it)
+    (worker,) = it._workers
+    os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert sum(1 for _ in it) == 3

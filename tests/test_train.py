@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,6 +166,85 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
     # (a stop mid-epoch validates where it stopped, then again at the end of the epoch)
     assert [h["epoch"] for h in hist] == ([0, 1] if stop % 3 == 0 else [0, 1, 1])
     assert hist[-1]["step"] == 6
+
+
+def ctrl_c_at(step: int):
+    """An ``on_train_batch_end`` that sends this process SIGINT after outer step ``step``."""
+
+    def hook(module, *args):
+        if module.global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path, data_root, monkeypatch):
+    # Ctrl-C mid-epoch: the step completes, is validated and written to last.ckpt, the run
+    # ends "interrupted" without testing, and resuming from it ends where a straight run does.
+    from metalearn.algorithms.base import EpisodicModule
+
+    common = ["data.batches_per_epoch=3", "trainer.max_steps=6"]
+    with monkeypatch.context() as patch:
+        patch.setattr(EpisodicModule, "on_train_batch_end", ctrl_c_at(4), raising=False)
+        stopped = run_with(tmp_path / "first", data_root, *common)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert stopped["status"] == "interrupted" and "test/acc" not in stopped
+    assert stopped["steps"] == 4 and stopped["curve"][-1]["step"] == 4  # validated there
+    on_disk = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert on_disk["status"] == "interrupted"
+    ckpt = stopped["resume_from"]
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 4
+    resumed = run_with(tmp_path / "first", data_root, *common, f"ckpt_path={ckpt}")
+    assert resumed["status"] == "ok" and resumed["steps"] == 6
+    straight = run_with(tmp_path / "straight", data_root, *common, "test=false")
+    a = params_of(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    b = params_of(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    assert straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+CTRL_C_AT_STEP_1 = """
+import os, signal, sys
+import hydra
+sys.path.insert(0, {repo!r})
+from metalearn.algorithms.base import EpisodicModule
+
+
+def ctrl_c(self, *args):
+    if self.global_step == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+EpisodicModule.on_train_batch_end = ctrl_c
+
+
+@hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")
+def main(cfg):
+    from metalearn.train import main as run_main
+
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_ctrl_c_in_a_sweep_stops_the_sweep_and_says_how_to_resume(tmp_path, data_root):
+    from tests.helpers import TINY
+
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_AT_STEP_1.format(repo=str(REPO), conf=str(REPO / "conf")))
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(script), "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Ctrl-C: stopping after this step" in proc.stderr
+    (job,) = [p.parent for p in sweep.glob("*/metrics.json")]  # the second job never started
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["steps"] == 1
+    assert f"ckpt_path={metrics['resume_from']}" in proc.stderr
+    assert Path(metrics["resume_from"]).exists()
 
 
 def test_resume_checks_the_checkpoints_settings(tmp_path, data_root, caplog):

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalearn import checks
 from metalearn.errors import ConfigError, MetalearnError, NonFiniteLossError
+from metalearn.interrupt import StopOnInterrupt
 from metalearn.utils import finish_loggers, log_through_hydra, print_config_tree
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics, loggers = {"status": "running"}, []
+    trainer, stopper = None, StopOnInterrupt()
     try:
         checks.validate_config(cfg)
         metrics = {**run_info(cfg), **metrics}
@@ -98,7 +100,7 @@ def run(cfg: DictConfig) -> dict:
         trainer = build(
             cfg.trainer,
             logger=loggers or False,
-            callbacks=[checkpoint, last, *progress_bar(cfg)],
+            callbacks=[checkpoint, last, stopper, *progress_bar(cfg)],
             default_root_dir=str(out),
         )
         try:
@@ -110,6 +112,14 @@ def run(cfg: DictConfig) -> dict:
                 f" val/acc before resuming from it): {kept}"
             ) from err
         best = checkpoint.best_model_path or None
+        if stopper.requested:  # Ctrl-C: validated and checkpointed where it stopped; no test
+            metrics = {
+                **metrics,
+                **outcome(cfg, trainer, algo, best, time.time() - start),
+                "status": "interrupted",
+                "resume_from": last.best_model_path,
+            }
+            return metrics
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
             log.warning(
                 "no validation ran in this fit (it stopped before an epoch's end: "
@@ -123,12 +133,23 @@ def run(cfg: DictConfig) -> dict:
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
     except BaseException as err:
-        metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        if interrupted(err, trainer, stopper):
+            metrics = {**metrics, "status": "interrupted", "error": "aborted (Ctrl-C)"}
+        else:
+            metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         raise
     finally:
         write_metrics(out, metrics)
-        finish_loggers(loggers, failed=metrics.get("status") == "failed")
+        finish_loggers(loggers, failed=metrics.get("status") != "ok")
     return metrics
+
+
+def interrupted(err: BaseException, trainer, stopper: StopOnInterrupt) -> bool:
+    """Whether ``err`` ends a run the user interrupted: Ctrl-C outside a fit, a second Ctrl-C,
+    or Lightning's exit after its own KeyboardInterrupt handling."""
+    if isinstance(err, KeyboardInterrupt) or stopper.requested:
+        return True
+    return isinstance(err, SystemExit) and trainer is not None and trainer.interrupted
 
 
 # Keys that may change when resuming: where to read and write, how long to train, how to log,
@@ -275,9 +296,13 @@ def write_metrics(out: Path, metrics: dict) -> None:
     if rank_zero_only.rank != 0:  # DDP: all ranks hold the same (gathered) metrics; rank 0 writes
         return
     name = "metrics.json"
-    if metrics.get("status") == "failed" and previous_status(out / name) == "ok":
+    if metrics.get("status") in ("failed", "interrupted") and previous_status(out / name) == "ok":
         name = "metrics.failed.json"  # e.g. a typo when resuming in place: keep the results
-        log.warning("this run failed; %s keeps the earlier completed run's results", out / name)
+        log.warning(
+            "this run %s (%s); metrics.json keeps the earlier completed run's results",
+            metrics["status"],
+            out / name,
+        )
     tmp = out / f"{name}.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, default=str))
     tmp.replace(out / name)
@@ -306,13 +331,15 @@ def main(cfg: DictConfig) -> float | None:
     In a sweep (``-m``) a failing job is recorded in its metrics.json and logged, and the
     sweep goes on with the next job. A single run prints the error's message (no traceback:
     it names the fix; ``HYDRA_FULL_ERROR=1`` shows the traceback) and exits with status 1.
+    Ctrl-C stops the run after the current step (``metalearn.interrupt``), prints the
+    ``ckpt_path=`` to resume from and exits with status 130, also ending a sweep.
     """
     from metalearn.pool import sweep_job
 
     log_through_hydra()
     try:
         with sweep_job(cfg):  # own GPU under hydra/launcher=gpu_pool; no DDP state left after
-            return run(cfg).get("val/acc_best")
+            metrics = run(cfg)
     except MetalearnError as err:
         if in_multirun():
             log.error("job failed, sweep continues: %s", err)
@@ -324,6 +351,14 @@ def main(cfg: DictConfig) -> float | None:
         if configured_world_size(cfg) > 1:
             exit_without_finalizers(1)
         raise SystemExit(1) from None
+    if metrics["status"] == "interrupted":  # Ctrl-C: stop a sweep too
+        print(
+            f"\nInterrupted at step {metrics['steps']}. Resume: add"
+            f" ckpt_path={metrics['resume_from']} to the same command",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
+    return metrics.get("val/acc_best")
 
 
 def configured_world_size(cfg: DictConfig) -> int:

@@ -35,6 +35,7 @@ from metalearn.data.sources.quickdraw import BITMAP_URL
 from metalearn.data.splits import Splits, check_disjoint
 from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
+from metalearn.interrupt import ignore_sigint
 
 EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
 AUTO_QUERIES = 15  # queries=auto: 15 per class, or what a class has left after the shots
@@ -332,6 +333,7 @@ class EpisodeDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,  # items are keyed by step: workers keep no state
             pin_memory=self._on_cuda(),
+            worker_init_fn=ignore_sigint if workers > 0 else None,
         )
 
     def workers(self) -> int:

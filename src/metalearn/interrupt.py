@@ -1,0 +1,63 @@
+"""Ctrl-C during training: finish the step, validate, write ``last.ckpt``, stop.
+
+The first Ctrl-C (SIGINT) sets ``trainer.should_stop``: the current outer step completes,
+Lightning validates the weights reached and the checkpoint callbacks write them, and the run
+ends with ``status: interrupted`` in metrics.json (no test) and the ``ckpt_path=`` to resume
+from; resuming is exact, as training batches are keyed by the outer step. A second Ctrl-C
+aborts at once (Lightning's own handling; the checkpoints already written stay).
+
+Single-process runs only: under DDP each rank would see the signal at a different step, and
+a rank that stops alone leaves the others waiting, so DDP keeps Lightning's handling.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import lightning as L
+
+
+class StopOnInterrupt(L.Callback):
+    """The first SIGINT while fitting stops training gracefully (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        self._trainer: L.Trainer | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        self._restore()  # a second Ctrl-C: the previous handler (KeyboardInterrupt)
+        if self._trainer is not None:
+            self._trainer.should_stop = True
+        print(
+            "\nCtrl-C: stopping after this step (validating it and writing last.ckpt);"
+            " Ctrl-C again aborts now",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the whole process group, and
+    a worker that took it would exit and break the graceful stop; the main process decides."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
