@@ -189,6 +189,7 @@ def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path, data_root, mo
         stopped = run_with(tmp_path / "first", data_root, *common)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     assert stopped["status"] == "interrupted" and "test/acc" not in stopped
+    assert stopped["error"] == "interrupted (Ctrl-C) at step 4"  # the report's failure list
     assert stopped["steps"] == 4 and stopped["curve"][-1]["step"] == 4  # validated there
     on_disk = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert on_disk["status"] == "interrupted"

@@ -19,7 +19,8 @@ one panel per dataset / algorithm / ways; the band is a single run's interval ov
 episodes, or the t interval across runs where a line averages several); the table and the
 failures are also printed.
 
-Failed jobs: a ``metrics.json`` with ``status: failed`` and its ``error``; a job directory
+Failed jobs: a ``metrics.json`` with ``status: failed`` (or ``interrupted``: Ctrl-C) and its
+``error``; a job directory
 (one with ``.hydra/``) without ``metrics.json`` (killed, out of memory, still running) shows the
 last error line of its log.
 """

@@ -117,6 +117,7 @@ def run(cfg: DictConfig) -> dict:
                 **metrics,
                 **outcome(cfg, trainer, algo, best, time.time() - start),
                 "status": "interrupted",
+                "error": f"interrupted (Ctrl-C) at step {trainer.global_step}",
                 "resume_from": last.best_model_path,
             }
             return metrics
