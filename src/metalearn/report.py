@@ -20,9 +20,8 @@ episodes, or the t interval across runs where a line averages several); the tabl
 failures are also printed.
 
 Failed jobs: a ``metrics.json`` with ``status: failed`` (or ``interrupted``: Ctrl-C) and its
-``error``; a job directory
-(one with ``.hydra/``) without ``metrics.json`` (killed, out of memory, still running) shows the
-last error line of its log.
+``error``; a job directory (one with ``.hydra/``) without ``metrics.json`` (killed, out of
+memory, still running) shows the last error line of its log.
 """
 
 from __future__ import annotations
