@@ -199,3 +199,16 @@ def test_curve_band_is_t_interval_across_runs(tmp_path):
     assert ci[0] == pytest.approx(12.706 * math.sqrt(0.0008) / math.sqrt(2))
     # one run: its own CI over validation episodes
     assert mean_curve(runs[1:])[2] == pytest.approx([0.03, 0.03])
+
+
+def test_curve_takes_the_end_of_an_epoch_validated_twice(tmp_path):
+    # stopped mid-epoch 1 (Ctrl-C: validated at step 15), resumed, validated again at its end
+    curve = [
+        {"epoch": 0, "step": 10, "val/acc": 0.40, "val/acc_ci95": 0.02},
+        {"epoch": 1, "step": 15, "val/acc": 0.45, "val/acc_ci95": 0.02},
+        {"epoch": 1, "step": 20, "val/acc": 0.50, "val/acc_ci95": 0.02},
+    ]
+    write_run(tmp_path, "0", curve=curve)
+    epochs, mean, ci = mean_curve(collect(tmp_path))
+    assert epochs == [1, 2] and mean == pytest.approx([0.40, 0.50])
+    assert ci == pytest.approx([0.02, 0.02])  # one run: its own CI, not a spread of two points

@@ -410,11 +410,13 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
 def mean_curve(runs: list[Run]) -> tuple[list[int], list[float], list[float]]:
     """Epochs (1 = after the first epoch), mean val acc over runs, and the band's half-width:
     at an epoch with one run its CI over validation episodes, with several the t interval
-    of their mean across runs."""
+    of their mean across runs. A run's last validation in an epoch stands for the epoch."""
     by_epoch: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for r in runs:
-        for point in r.get("curve"):
-            by_epoch[int(point["epoch"]) + 1].append(
+        # a run stopped mid-epoch (Ctrl-C) and resumed validated that epoch twice: its end wins
+        last = {int(point["epoch"]): point for point in r.get("curve")}
+        for epoch, point in last.items():
+            by_epoch[epoch + 1].append(
                 (float(point["val/acc"]), float(point.get("val/acc_ci95") or 0.0))
             )
     epochs = sorted(by_epoch)
