@@ -64,6 +64,19 @@ def test_omniglot_105_and_resized_shapes(data_root):
     assert load_omniglot(data_root).test.images.shape == (659, 20, 28, 28)
 
 
+def test_omniglot_resized_from_105_equals_the_28_files(tmp_path, data_root, omniglot):
+    # A machine with only the 105x105 files (or the official zips, read the same way) must see
+    # the same 28x28 pixels as one with the _28.npz files: same episodes, comparable results.
+    (tmp_path / "omniglot").mkdir()
+    for part in omniglot_module.PARTS:
+        (tmp_path / "omniglot" / f"{part}.npz").symlink_to(data_root / "omniglot" / f"{part}.npz")
+    resized = load_omniglot(tmp_path, download=False)
+    for split in ("train", "val", "test"):
+        a, b = getattr(resized, split), getattr(omniglot, split)
+        assert a.names == b.names
+        assert np.array_equal(a.images, b.images), split
+
+
 def test_rotations_quadruple_classes_within_split(data_root, omniglot):
     rotated = load_splits("omniglot", data_root, rotations=True)
     for split, classes in rotated.items():

@@ -4,12 +4,14 @@ Files read from `<root>/omniglot/`, first match wins, for each of the two parts
 `images_background` (964 characters, 30 alphabets) and `images_evaluation` (659, 20 alphabets):
 
 1. `<part>_28.npz` when image_size == 28 (the project's npz, see the data README),
-2. `<part>.npz` (105x105; resized when image_size is not 105),
+2. `<part>.npz` (105x105; resized when image_size is not 105, see `resize`),
 3. `<part>/<Alphabet>/<characterNN>/*.png` (the unpacked official release; needs Pillow),
 4. `<part>.zip` (the official zip of github.com/brendenlake/omniglot `python/`; needs Pillow),
 5. otherwise, if download is on, that zip is fetched from `BASE_URL` (then read as in 4); its
    published md5 (`ZIP_MD5`) is checked whatever the URL, so a mirror must serve the same zip.
-Whatever the format, each part must hold its official number of characters (`PART_CLASSES`).
+Whatever the format, each part must hold its official number of characters (`PART_CLASSES`),
+and resizing follows the `_28.npz` files' recipe (Pillow LANCZOS on the original polarity), so
+every format gives the same pixels.
 
 Split rule (fixed, by whole alphabets):
 - meta-test = all of `images_evaluation` (659 classes, 20 alphabets);
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from metalearn.data.download import download as fetch
-from metalearn.data.sources.base import ClassImages, group_by_label, load_npz, resize_images
+from metalearn.data.sources.base import ClassImages, group_by_label, load_npz
 from metalearn.data.splits import Splits, seeded_order, select_groups
 from metalearn.errors import ConfigError, DataError
 
@@ -126,7 +128,24 @@ def load_part(folder, part, image_size, download, base_url, hashes) -> ClassImag
             f" {PART_CLASSES[part]} for {part}: it is partial or not the official release. Delete"
             f" it and put the complete one back (official zip: {BASE_URL}{part}.zip)"
         )
-    return ClassImages(resize_images(classes.images, image_size), classes.names, classes.groups)
+    return ClassImages(resize(classes.images, image_size), classes.names, classes.groups)
+
+
+def resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Ink-high uint8 [C, n, H, W] to size x size as the `_28.npz` files were made: Pillow's
+    LANCZOS on the original polarity (paper = 255). Torch's antialiased bilinear differs in a
+    third of the pixels (by up to 70 levels), so the zips would give other data than the npz."""
+    if images.shape[-2:] == (size, size):
+        return images
+    image_module = _pillow()
+    paper_high = 255 - images.reshape(-1, *images.shape[-2:])
+    out = np.stack(
+        [
+            np.asarray(image_module.fromarray(x).resize((size, size), image_module.LANCZOS))
+            for x in paper_high
+        ]
+    )
+    return (255 - out).reshape(*images.shape[:-2], size, size)
 
 
 def read_npz(path: Path, folder: Path) -> ClassImages:
