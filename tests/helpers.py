@@ -35,6 +35,37 @@ def random_episodes(batch=2, ways=3, shots=2, queries=3, size=16, seed=1) -> Epi
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+PATCHED_TRAIN = """
+import os
+import signal
+import sys
+import hydra
+sys.path.insert(0, {repo!r})
+import metalearn.pool  # noqa: F401
+from metalearn.algorithms.base import EpisodicModule
+
+{patch}
+
+@hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")
+def main(cfg):
+    from metalearn.train import main as run_main
+
+    return run_main(cfg)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def patched_train(path: Path, patch: str) -> Path:
+    """Write a ``train.py`` twin at ``path`` that runs ``patch`` (code that may replace
+    ``EpisodicModule`` methods; ``os`` and ``signal`` imported) before Hydra's main."""
+    path.write_text(PATCHED_TRAIN.format(repo=str(REPO), conf=str(REPO / "conf"), patch=patch))
+    return path
+
+
 TINY = [
     "model.channels=8",
     "algo.meta_batch_size=2",

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from metalearn.data.datamodule import EpisodeDataModule, TrainMetaBatches
 from metalearn.data.episodes import Episodes
 from metalearn.errors import ConfigError
-from tests.helpers import REPO
+from tests.helpers import REPO, patched_train
 
 HAS_REPTILE = (REPO / "conf" / "algo" / "reptile.yaml").exists()
 ALGOS = ["maml", "fomaml"] + (["reptile"] if HAS_REPTILE else [])
@@ -239,27 +239,6 @@ def test_meta_batch_must_divide_over_ranks(tmp_path):
     assert isinstance(err.value, ConfigError) or isinstance(err.value.__cause__, ConfigError)
 
 
-PATCHED_TRAIN = """
-import os
-import sys
-import hydra
-sys.path.insert(0, {repo!r})
-import metalearn.pool  # noqa: F401
-from metalearn.algorithms.base import EpisodicModule
-
-{patch}
-
-@hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")
-def main(cfg):
-    from metalearn.train import main as run_main
-
-    return run_main(cfg)
-
-
-if __name__ == "__main__":
-    main()
-"""
-
 NAN_ON_RANK_1 = """
 outer_step = EpisodicModule.outer_step
 
@@ -285,8 +264,7 @@ EpisodicModule.on_train_batch_end = stop_at_step
 
 def patched_ddp_run(tmp_path, data_root, patch: str, *overrides: str, **env) -> int:
     """``train.py`` on 2 gloo processes with ``patch`` applied in each; its exit status."""
-    script = tmp_path / "patched_train.py"
-    script.write_text(PATCHED_TRAIN.format(repo=str(REPO), conf=str(REPO / "conf"), patch=patch))
+    script = patched_train(tmp_path / "patched_train.py", patch)
     cmd = [sys.executable, str(script), *ddp_command(*overrides)[2:]]
     env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline", **env}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 
 from metalearn.errors import ConfigError, DataError, NonFiniteLossError
 from metalearn.train import run
-from tests.helpers import REPO, compose_cfg, read_offline_run
+from tests.helpers import REPO, compose_cfg, patched_train, read_offline_run
 
 
 def run_with(tmp_path, data_root, *overrides):
@@ -204,37 +204,19 @@ def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path, data_root, mo
 
 
 CTRL_C_AT_STEP_1 = """
-import os, signal, sys
-import hydra
-sys.path.insert(0, {repo!r})
-from metalearn.algorithms.base import EpisodicModule
-
-
 def ctrl_c(self, *args):
     if self.global_step == 1:
         os.kill(os.getpid(), signal.SIGINT)
 
 
 EpisodicModule.on_train_batch_end = ctrl_c
-
-
-@hydra.main(version_base="1.3", config_path={conf!r}, config_name="train")
-def main(cfg):
-    from metalearn.train import main as run_main
-
-    return run_main(cfg)
-
-
-if __name__ == "__main__":
-    main()
 """
 
 
 def test_ctrl_c_in_a_sweep_stops_the_sweep_and_says_how_to_resume(tmp_path, data_root):
     from tests.helpers import TINY
 
-    script = tmp_path / "ctrl_c.py"
-    script.write_text(CTRL_C_AT_STEP_1.format(repo=str(REPO), conf=str(REPO / "conf")))
+    script = patched_train(tmp_path / "ctrl_c.py", CTRL_C_AT_STEP_1)
     env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(script), "-m", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}"]
