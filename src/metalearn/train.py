@@ -134,7 +134,7 @@ def run(cfg: DictConfig) -> dict:
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
     except BaseException as err:
-        if interrupted(err, trainer, stopper):
+        if interrupted(err, trainer):
             metrics = {**metrics, "status": "interrupted", "error": "aborted (Ctrl-C)"}
         else:
             metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
@@ -145,10 +145,10 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def interrupted(err: BaseException, trainer, stopper: StopOnInterrupt) -> bool:
-    """Whether ``err`` ends a run the user interrupted: Ctrl-C outside a fit, a second Ctrl-C,
-    or Lightning's exit after its own KeyboardInterrupt handling."""
-    if isinstance(err, KeyboardInterrupt) or stopper.requested:
+def interrupted(err: BaseException, trainer) -> bool:
+    """Whether ``err`` ends a run the user interrupted: Ctrl-C outside a fit, or Lightning's
+    exit after its own KeyboardInterrupt handling (e.g. a second Ctrl-C)."""
+    if isinstance(err, KeyboardInterrupt):
         return True
     return isinstance(err, SystemExit) and trainer is not None and trainer.interrupted
 
