@@ -230,6 +230,37 @@ def test_ctrl_c_in_a_sweep_stops_the_sweep_and_says_how_to_resume(tmp_path, data
     assert Path(metrics["resume_from"]).exists()
 
 
+def test_checkpoint_writes_are_atomic(tmp_path, data_root, monkeypatch):
+    # Killed while writing last.ckpt (here: torch.save fails half-way), the run keeps the
+    # previous last.ckpt whole: the file is written beside it and renamed into place.
+    from metalearn.train import AtomicCheckpointIO
+
+    written = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def counted(self, checkpoint, path, storage_options=None):
+        written.append(Path(path).name)
+        return original(self, checkpoint, path, storage_options)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AtomicCheckpointIO, "save_checkpoint", counted)
+        run_with(tmp_path, data_root, "test=false")
+    assert "last.ckpt" in written  # the run's checkpoints go through it
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    save = torch.save
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        save({"partial": True}, f)
+        raise KeyboardInterrupt  # as if killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 99}, last)
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in last.parent.iterdir() if p.suffix == ".tmp") == []
+
+
 def test_resume_checks_the_checkpoints_settings(tmp_path, data_root, caplog):
     run_with(tmp_path / "first", data_root, "test=false")
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"

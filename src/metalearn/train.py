@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -101,6 +102,7 @@ def run(cfg: DictConfig) -> dict:
             cfg.trainer,
             logger=loggers or False,
             callbacks=[checkpoint, last, stopper, *progress_bar(cfg)],
+            plugins=[AtomicCheckpointIO()],
             default_root_dir=str(out),
         )
         try:
@@ -217,6 +219,25 @@ def check_resume(ckpt_path: str, settings: dict) -> None:
         )
     if changed:
         log.warning("resuming %s with changed settings: %s", ckpt_path, listed)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``<file>.tmp`` beside the checkpoint, then renames it into place: a run killed
+    while writing leaves the previous ``last.ckpt`` whole. (Lightning's own save goes through
+    a file in the system temp folder, copied over when that is another file system: not
+    atomic on a cluster's shared disk.) Remote URLs keep Lightning's way."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class BestCheckpoint(ModelCheckpoint):
