@@ -383,6 +383,9 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
         "lightning_median_ms": statistics.median(light),
         "bare_median_ms": statistics.median(bare_ms),
         "overhead": statistics.median(light) / statistics.median(bare_ms),
+        # the mean counts the logging steps too (every trainer.log_every_n_steps-th step logs
+        # and runs train/acc_pre's forward passes): what the throughput of a run sees
+        "overhead_mean": statistics.fmean(light) / statistics.fmean(bare_ms),
         "lightning_ms": light,
         "bare_ms": bare_ms,
     }
@@ -532,7 +535,7 @@ def overhead_line(o: dict) -> str:
     return (
         f"overhead ({o['order']}-order, engine={o['engine']}): Lightning step "
         f"{o['lightning_median_ms']:.1f} ms / {bare} {o['bare_median_ms']:.1f} ms = "
-        f"{o['overhead']:.3f} (target <= 1.10)\n"
+        f"{o['overhead']:.3f} (target <= 1.10); means: {o['overhead_mean']:.3f}\n"
         f"    phases, median ms Lightning/bare: {split}"
     )
 
