@@ -7,7 +7,9 @@ from; resuming is exact, as training batches are keyed by the outer step. A seco
 aborts at once (Lightning's own handling; the checkpoints already written stay).
 
 Single-process runs only: under DDP each rank would see the signal at a different step, and
-a rank that stops alone leaves the others waiting, so DDP keeps Lightning's handling.
+a rank that stops alone leaves the others waiting, so DDP keeps Lightning's handling. Nor does
+it replace a SIGINT handler other than Python's default (a parallel launcher's workers that
+ignore SIGINT leave it to their parent).
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ class StopOnInterrupt(L.Callback):
         self._trainer: L.Trainer | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        if (
+            trainer.world_size > 1
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):  # DDP; or a host that ignores or handles SIGINT itself (e.g. joblib's workers)
             return
         self._trainer = trainer
         self._previous = signal.signal(signal.SIGINT, self._handle)
