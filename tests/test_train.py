@@ -203,6 +203,26 @@ def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path, data_root, mo
     assert straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_while_testing_keeps_the_training_results(tmp_path, data_root, monkeypatch):
+    from metalearn.algorithms.base import EpisodicModule
+
+    def ctrl_c(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(EpisodicModule, "test_step", ctrl_c)
+    # Lightning answers Ctrl-C by ignoring SIGINT from then on: put pytest's handler back
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run_with(tmp_path, data_root)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and "while testing" in metrics["error"]
+    assert metrics["steps"] == 2 and metrics["val/acc_best"] > 0 and metrics["curve"]
+    assert "test/acc" not in metrics and Path(metrics["resume_from"]).exists()
+
+
 CTRL_C_AT_STEP_1 = """
 def ctrl_c(self, *args):
     if self.global_step == 1:

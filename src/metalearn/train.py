@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics, loggers = {"status": "running"}, []
-    trainer, stopper = None, StopOnInterrupt()
+    trainer, stopper, fitted = None, StopOnInterrupt(), False
     try:
         checks.validate_config(cfg)
         metrics = {**run_info(cfg), **metrics}
@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> dict:
                 f"{err} Last checkpoint, written before the failure (finite weights; check its"
                 f" val/acc before resuming from it): {kept}"
             ) from err
-        best = checkpoint.best_model_path or None
+        best, fitted = checkpoint.best_model_path or None, True
         if stopper.requested:  # Ctrl-C: validated and checkpointed where it stopped; no test
             metrics = {
                 **metrics,
@@ -136,7 +136,16 @@ def run(cfg: DictConfig) -> dict:
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
     except BaseException as err:
-        if interrupted(err, trainer):
+        if interrupted(err, trainer) and fitted:  # Ctrl-C while testing: keep the training
+            metrics = {
+                **metrics,
+                **outcome(cfg, trainer, algo, best, time.time() - start),
+                "status": "interrupted",
+                "error": "interrupted (Ctrl-C) while testing; the same command with ckpt_path="
+                f"{last.best_model_path} tests it",
+                "resume_from": last.best_model_path,
+            }
+        elif interrupted(err, trainer):
             metrics = {**metrics, "status": "interrupted", "error": "aborted (Ctrl-C)"}
         else:
             metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
