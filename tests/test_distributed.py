@@ -289,10 +289,17 @@ def test_nan_on_one_rank_stops_every_rank_before_the_step(algo, tmp_path, data_r
 
 
 @NO_REPTILE
-def test_reptile_resumes_every_ranks_inner_optimizer_state(tmp_path, data_root, caplog):
+def test_reptile_ddp_inner_optimizer_state_resumes_and_evaluates(tmp_path, data_root, caplog):
     # Inner Adam carries its moments from step to step, and each rank's differ (other tasks):
-    # 2 processes stopped after step 2 and resumed must end where a straight run ends.
-    common = ["algo=reptile", "algo.inner_steps_test=3", "test=false"]
+    # 2 processes stopped after step 2 and resumed must end where a straight run ends. (A large
+    # inner rate and 20 val episodes make the state's effect on val/acc visible below.)
+    common = [
+        "algo=reptile",
+        "algo.inner_steps_test=3",
+        "test=false",
+        "algo.inner_lr=0.02",
+        "data.val_episodes=20",
+    ]
     straight, first = tmp_path / "straight", tmp_path / "first"
     for run_dir, stop in ((straight, 99), (first, 2)):
         overrides = (*common, f"hydra.run.dir={run_dir}")
@@ -314,13 +321,17 @@ def test_reptile_resumes_every_ranks_inner_optimizer_state(tmp_path, data_root, 
     )
     a, b = (parameters(d / "checkpoints" / "last.ckpt") for d in (straight, resumed))
     assert max_diff(a, b) == 0
-    # one process cannot resume both ranks' states: it says so and starts from rank 0's
+    # One process cannot resume both ranks' states: it says so and starts from rank 0's. DDP
+    # evaluation starts from rank 0's on every rank, so one process validating the final
+    # checkpoint (a fit with nothing left to train) gets the DDP run's last val/acc.
     from metalearn.train import run
 
     with caplog.at_level("WARNING", logger="metalearn.algorithms.reptile"):
         cfg = compose(
-            tmp_path / "one",
-            [*common, "trainer.max_steps=3", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}"],
+            tmp_path / "one", [*common, f"ckpt_path={straight / 'checkpoints' / 'last.ckpt'}"]
         )
-        assert run(cfg)["status"] == "ok"
+        one = run(cfg)
+    assert one["status"] == "ok" and one["steps"] == 4
     assert any("inner optimizer states of 2 processes" in r.getMessage() for r in caplog.records)
+    ddp = json.loads((straight / "metrics.json").read_text())
+    assert one["curve"][-1]["val/acc"] == pytest.approx(ddp["curve"][-1]["val/acc"], abs=1e-6)

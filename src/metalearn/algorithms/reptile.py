@@ -11,7 +11,8 @@ from task to task and from one outer step to the next, as in Nichol et al.'s cod
 restarts from theta, not the optimizer); evaluation starts each episode from a copy of it. It
 is saved in checkpoints, so resuming is exact. Under DDP each rank keeps its own state and the
 checkpoint holds every rank's (a resume on another number of processes starts every rank from
-rank 0's, with a warning).
+rank 0's, with a warning); evaluation starts from rank 0's on every rank, so a checkpoint's
+val/test accuracy is the same on any number of processes.
 
 Task data (``task_data``): "all" trains on the episode's support and query images together,
 as Nichol et al. train on every sample of a task (no train/test split is needed, since the
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 
 def on_cpu(state: dict) -> dict:
     return {n: {k: torch.as_tensor(v).cpu() for k, v in s.items()} for n, s in state.items()}
+
+
+def from_rank_0(state: dict) -> dict:
+    """Rank 0's ``state`` on every rank (on the CPU); a collective call under DDP."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return state
+    box = [on_cpu(state) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gathered(state: dict) -> list[dict]:
@@ -97,6 +107,7 @@ class Reptile(EpisodicModule):
         self.inner_optimizer, self.adam_beta1 = inner_optimizer, adam_beta1
         self.inner_batch_size, self.task_data, self.seed = inner_batch_size, task_data, seed
         self.inner_state: dict = {}  # parameter name -> inner optimizer state (see module doc)
+        self.eval_state: dict | None = None  # evaluation's start under a Trainer: rank 0's
 
     # ---- outer learning rate eps: linear annealing to 0 ---------------------------------
     def configure_optimizers(self):
@@ -167,12 +178,20 @@ class Reptile(EpisodicModule):
 
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self, episodes) -> torch.Tensor:
-        accs = []
+        accs, start = [], self.inner_state if self.eval_state is None else self.eval_state
         for sx, sy, qx, qy in zip(*episodes, strict=True):
-            phi, _ = self.adapt([(sx, sy)] * self.inner_steps_test, dict(self.inner_state))
+            phi, _ = self.adapt([(sx, sy)] * self.inner_steps_test, dict(start))
             with torch.no_grad():
                 accs.append(accuracy(self.forward_with(phi, qx), qy))
         return torch.stack(accs)
+
+    def on_validation_start(self) -> None:
+        self.eval_state = from_rank_0(self.inner_state)
+
+    def on_validation_end(self) -> None:
+        self.eval_state = None
+
+    on_test_start, on_test_end = on_validation_start, on_validation_end
 
     # ---- checkpoint: every rank's inner optimizer state -----------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
