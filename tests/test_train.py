@@ -168,29 +168,40 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
     assert hist[-1]["step"] == 6
 
 
-def ctrl_c_at(step: int):
-    """An ``on_train_batch_end`` that sends this process SIGINT after outer step ``step``."""
+def signal_at(step: int, signum: int):
+    """An ``on_train_batch_end`` that sends this process ``signum`` after outer step ``step``."""
 
     def hook(module, *args):
         if module.global_step == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
     return hook
 
 
-def test_ctrl_c_stops_after_the_step_and_resumes_exactly(tmp_path, data_root, monkeypatch):
-    # Ctrl-C mid-epoch: the step completes, is validated and written to last.ckpt, the run
-    # ends "interrupted" without testing, and resuming from it ends where a straight run does.
+@pytest.mark.parametrize(
+    ("signum", "name", "validated"),
+    [
+        (signal.SIGINT, "Ctrl-C", True),  # the step is validated, then written to last.ckpt
+        (signal.SIGTERM, "SIGTERM", False),  # written at once (a grace period is short)
+    ],
+)
+def test_signal_stops_after_the_step_and_resumes_exactly(
+    tmp_path, data_root, monkeypatch, signum, name, validated
+):
+    # A signal mid-epoch: the step completes and is written to last.ckpt, the run ends
+    # "interrupted" without testing, and resuming from it ends where a straight run does.
     from metalearn.algorithms.base import EpisodicModule
 
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     common = ["data.batches_per_epoch=3", "trainer.max_steps=6"]
     with monkeypatch.context() as patch:
-        patch.setattr(EpisodicModule, "on_train_batch_end", ctrl_c_at(4), raising=False)
+        patch.setattr(EpisodicModule, "on_train_batch_end", signal_at(4, signum), raising=False)
         stopped = run_with(tmp_path / "first", data_root, *common)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert stopped["status"] == "interrupted" and "test/acc" not in stopped
-    assert stopped["error"] == "interrupted (Ctrl-C) at step 4"  # the report's failure list
-    assert stopped["steps"] == 4 and stopped["curve"][-1]["step"] == 4  # validated there
+    assert stopped["error"] == f"interrupted ({name}) at step 4"  # the report's failure list
+    assert stopped["steps"] == 4
+    assert stopped["curve"][-1]["step"] == (4 if validated else 3)
     on_disk = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert on_disk["status"] == "interrupted"
     ckpt = stopped["resume_from"]

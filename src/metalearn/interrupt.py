@@ -1,10 +1,15 @@
-"""Ctrl-C during training: finish the step, validate, write ``last.ckpt``, stop.
+"""Ctrl-C or SIGTERM during training: finish the step, write ``last.ckpt``, stop.
 
 The first Ctrl-C (SIGINT) sets ``trainer.should_stop``: the current outer step completes,
 Lightning validates the weights reached and the checkpoint callbacks write them, and the run
 ends with ``status: interrupted`` in metrics.json (no test) and the ``ckpt_path=`` to resume
 from; resuming is exact, as training batches are keyed by the outer step. A second Ctrl-C
 aborts at once (Lightning's own handling; the checkpoints already written stay).
+
+SIGTERM (``kill``, a cluster's preemption or time limit, ``docker stop``): Lightning stops at
+the next step boundary with ``SIGTERMException``; before it unwinds, ``last.ckpt`` is written
+at that step (no validation: a scheduler's grace period is short), and the run ends as
+interrupted, with the ``ckpt_path=`` to resume from.
 
 Single-process runs only: under DDP each rank would see the signal at a different step, and
 a rank that stops alone leaves the others waiting, so DDP keeps Lightning's handling. Nor does
@@ -19,13 +24,17 @@ import sys
 import threading
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class StopOnInterrupt(L.Callback):
-    """The first SIGINT while fitting stops training gracefully (see the module doc)."""
+    """The first SIGINT while fitting stops training gracefully; SIGTERM writes ``last_path``
+    at the step where Lightning stops (see the module doc)."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, last_path=None) -> None:
+        self.requested = False  # SIGINT: stopping after this step
+        self.terminated = False  # SIGTERM: stopped, last_path written
+        self.last_path = last_path
         self._previous = None
         self._trainer: L.Trainer | None = None
 
@@ -61,6 +70,10 @@ class StopOnInterrupt(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
+            if self.last_path is not None:  # at a step boundary: the state is consistent
+                trainer.save_checkpoint(self.last_path, weights_only=False)
+            self.terminated = True
 
 
 def ignore_sigint(worker_id: int) -> None:

@@ -22,6 +22,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn import checks
@@ -79,7 +80,7 @@ def run(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics, loggers = {"status": "running"}, []
-    trainer, stopper, fitted = None, StopOnInterrupt(), False
+    trainer, stopper, fitted = None, None, False
     try:
         checks.validate_config(cfg)
         metrics = {**run_info(cfg), **metrics}
@@ -97,6 +98,7 @@ def run(cfg: DictConfig) -> dict:
         if cfg.get("ckpt_path"):
             check_resume(cfg.ckpt_path, algo.run_config)
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
+        stopper = StopOnInterrupt(last_path=out / "checkpoints" / "last.ckpt")
         loggers = build_loggers(cfg)
         trainer = build(
             cfg.trainer,
@@ -107,6 +109,9 @@ def run(cfg: DictConfig) -> dict:
         )
         try:
             trainer.fit(algo, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:
+            if not stopper.terminated:  # DDP: Lightning's handling, nothing written here
+                raise
         except NonFiniteLossError as err:
             kept = last.best_model_path or checkpoint.best_model_path or "none yet"
             raise NonFiniteLossError(
@@ -114,13 +119,15 @@ def run(cfg: DictConfig) -> dict:
                 f" val/acc before resuming from it): {kept}"
             ) from err
         best, fitted = checkpoint.best_model_path or None, True
-        if stopper.requested:  # Ctrl-C: validated and checkpointed where it stopped; no test
+        if stopper.requested or stopper.terminated:  # checkpointed where it stopped; no test
+            signal_name = "SIGTERM" if stopper.terminated else "Ctrl-C"
+            resume = str(stopper.last_path) if stopper.terminated else last.best_model_path
             metrics = {
                 **metrics,
                 **outcome(cfg, trainer, algo, best, time.time() - start),
                 "status": "interrupted",
-                "error": f"interrupted (Ctrl-C) at step {trainer.global_step}",
-                "resume_from": last.best_model_path,
+                "error": f"interrupted ({signal_name}) at step {trainer.global_step}",
+                "resume_from": resume,
             }
             return metrics
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
@@ -136,17 +143,18 @@ def run(cfg: DictConfig) -> dict:
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
     except BaseException as err:
-        if interrupted(err, trainer) and fitted:  # Ctrl-C while testing: keep the training
+        if interrupted(err, trainer) and fitted:  # while testing: keep the training
             metrics = {
                 **metrics,
                 **outcome(cfg, trainer, algo, best, time.time() - start),
                 "status": "interrupted",
-                "error": "interrupted (Ctrl-C) while testing; the same command with ckpt_path="
+                "error": "interrupted while testing; the same command with ckpt_path="
                 f"{last.best_model_path} tests it",
                 "resume_from": last.best_model_path,
             }
         elif interrupted(err, trainer):
-            metrics = {**metrics, "status": "interrupted", "error": "aborted (Ctrl-C)"}
+            by = "SIGTERM" if isinstance(err, SIGTERMException) else "Ctrl-C"
+            metrics = {**metrics, "status": "interrupted", "error": f"aborted ({by})"}
         else:
             metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
         raise
@@ -157,9 +165,9 @@ def run(cfg: DictConfig) -> dict:
 
 
 def interrupted(err: BaseException, trainer) -> bool:
-    """Whether ``err`` ends a run the user interrupted: Ctrl-C outside a fit, or Lightning's
-    exit after its own KeyboardInterrupt handling (e.g. a second Ctrl-C)."""
-    if isinstance(err, KeyboardInterrupt):
+    """Whether ``err`` ends a run that was interrupted: Ctrl-C outside a fit, Lightning's exit
+    after its own KeyboardInterrupt handling (e.g. a second Ctrl-C), or its SIGTERM stop."""
+    if isinstance(err, KeyboardInterrupt | SIGTERMException):
         return True
     return isinstance(err, SystemExit) and trainer is not None and trainer.interrupted
 
@@ -362,8 +370,8 @@ def main(cfg: DictConfig) -> float | None:
     In a sweep (``-m``) a failing job is recorded in its metrics.json and logged, and the
     sweep goes on with the next job. A single run prints the error's message (no traceback:
     it names the fix; ``HYDRA_FULL_ERROR=1`` shows the traceback) and exits with status 1.
-    Ctrl-C stops the run after the current step (``metalearn.interrupt``), prints the
-    ``ckpt_path=`` to resume from and exits with status 130, also ending a sweep.
+    Ctrl-C (SIGTERM) stops the run after the current step (``metalearn.interrupt``), prints
+    the ``ckpt_path=`` to resume from and exits with status 130 (143), also ending a sweep.
     """
     from metalearn.pool import sweep_job
 
@@ -382,13 +390,13 @@ def main(cfg: DictConfig) -> float | None:
         if configured_world_size(cfg) > 1:
             exit_without_finalizers(1)
         raise SystemExit(1) from None
-    if metrics["status"] == "interrupted":  # Ctrl-C: stop a sweep too
+    if metrics["status"] == "interrupted":  # Ctrl-C or SIGTERM: stop a sweep too
         print(
             f"\nInterrupted at step {metrics['steps']}. Resume: add"
             f" ckpt_path={metrics['resume_from']} to the same command",
             file=sys.stderr,
         )
-        raise SystemExit(130)
+        raise SystemExit(143 if "SIGTERM" in metrics["error"] else 130)
     return metrics.get("val/acc_best")
 
 
