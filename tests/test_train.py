@@ -214,24 +214,32 @@ def test_signal_stops_after_the_step_and_resumes_exactly(
     assert straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_while_testing_keeps_the_training_results(tmp_path, data_root, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_testing_keeps_the_training_results(tmp_path, data_root, monkeypatch, signum):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from metalearn.algorithms.base import EpisodicModule
 
-    def ctrl_c(self, *args):
-        os.kill(os.getpid(), signal.SIGINT)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    trained = {}
 
-    monkeypatch.setattr(EpisodicModule, "test_step", ctrl_c)
+    def signal_in_test(self, *args):
+        trained.setdefault("bytes", last.read_bytes())
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(EpisodicModule, "test_step", signal_in_test)
     # Lightning answers Ctrl-C by ignoring SIGINT from then on: put pytest's handler back
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises((SystemExit, SIGTERMException)):
             run_with(tmp_path, data_root)
     finally:
         signal.signal(signal.SIGINT, handler)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and "while testing" in metrics["error"]
     assert metrics["steps"] == 2 and metrics["val/acc_best"] > 0 and metrics["curve"]
-    assert "test/acc" not in metrics and Path(metrics["resume_from"]).exists()
+    assert "test/acc" not in metrics and Path(metrics["resume_from"]) == last
+    assert last.read_bytes() == trained["bytes"]  # not overwritten with the tested weights
 
 
 CTRL_C_AT_STEP_1 = """

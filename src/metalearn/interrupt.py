@@ -22,8 +22,10 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -31,7 +33,7 @@ class StopOnInterrupt(L.Callback):
     """The first SIGINT while fitting stops training gracefully; SIGTERM writes ``last_path``
     at the step where Lightning stops (see the module doc)."""
 
-    def __init__(self, last_path=None) -> None:
+    def __init__(self, last_path) -> None:
         self.requested = False  # SIGINT: stopping after this step
         self.terminated = False  # SIGTERM: stopped, last_path written
         self.last_path = last_path
@@ -47,6 +49,11 @@ class StopOnInterrupt(L.Callback):
             return
         self._trainer = trainer
         self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def resume_from(self) -> str:
+        """``last_path`` if it was written, else "" (after a test, ModelCheckpoint's own path
+        has been reset from the tested checkpoint's callback state)."""
+        return str(self.last_path) if Path(self.last_path).is_file() else ""
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -70,9 +77,12 @@ class StopOnInterrupt(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
-        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
-            if self.last_path is not None:  # at a step boundary: the state is consistent
-                trainer.save_checkpoint(self.last_path, weights_only=False)
+        # Lightning raises it at a step boundary (or inside validation, which leaves the weights
+        # as they are): the training state is consistent. Not while testing: the model then
+        # holds the best checkpoint's weights, not the training's.
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if isinstance(exception, SIGTERMException) and trainer.world_size == 1 and fitting:
+            trainer.save_checkpoint(self.last_path, weights_only=False)
             self.terminated = True
 
 

@@ -121,13 +121,12 @@ def run(cfg: DictConfig) -> dict:
         best, fitted = checkpoint.best_model_path or None, True
         if stopper.requested or stopper.terminated:  # checkpointed where it stopped; no test
             signal_name = "SIGTERM" if stopper.terminated else "Ctrl-C"
-            resume = str(stopper.last_path) if stopper.terminated else last.best_model_path
             metrics = {
                 **metrics,
                 **outcome(cfg, trainer, algo, best, time.time() - start),
                 "status": "interrupted",
                 "error": f"interrupted ({signal_name}) at step {trainer.global_step}",
-                "resume_from": resume,
+                "resume_from": stopper.resume_from(),
             }
             return metrics
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
@@ -149,8 +148,8 @@ def run(cfg: DictConfig) -> dict:
                 **outcome(cfg, trainer, algo, best, time.time() - start),
                 "status": "interrupted",
                 "error": "interrupted while testing; the same command with ckpt_path="
-                f"{last.best_model_path} tests it",
-                "resume_from": last.best_model_path,
+                f"{stopper.resume_from()} tests it",
+                "resume_from": stopper.resume_from(),
             }
         elif interrupted(err, trainer):
             by = "SIGTERM" if isinstance(err, SIGTERMException) else "Ctrl-C"
@@ -391,9 +390,14 @@ def main(cfg: DictConfig) -> float | None:
             exit_without_finalizers(1)
         raise SystemExit(1) from None
     if metrics["status"] == "interrupted":  # Ctrl-C or SIGTERM: stop a sweep too
+        resume = metrics["resume_from"]
         print(
-            f"\nInterrupted at step {metrics['steps']}. Resume: add"
-            f" ckpt_path={metrics['resume_from']} to the same command",
+            f"\nInterrupted at step {metrics['steps']}. "
+            + (
+                f"Resume: add ckpt_path={resume} to the same command"
+                if resume
+                else "No checkpoint was written yet."
+            ),
             file=sys.stderr,
         )
         raise SystemExit(143 if "SIGTERM" in metrics["error"] else 130)
