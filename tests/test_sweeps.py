@@ -103,6 +103,17 @@ def test_a_failing_cell_loses_nothing_and_says_why(sweep):
             assert [c["epoch"] for c in m["curve"]] == [0, 1]
 
 
+def test_a_sweep_whose_jobs_all_fail_exits_1(tmp_path, data_root):
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "train.py", "-m", "seed=1,2", "ways=2000", *TINY, "logger=none"]
+    cmd.append(f"hydra.sweep.dir={tmp_path}")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Sweep done: 2 jobs, 0 ok, 2 failed" in proc.stdout
+    assert "every job of the sweep failed" in proc.stderr
+    assert len(jobs(tmp_path)) == 2  # both recorded
+
+
 def test_report_on_the_real_sweep(sweep, tmp_path):
     root, _ = sweep
     out = report(root, tmp_path, echo=False)

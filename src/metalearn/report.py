@@ -492,7 +492,9 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
 
 class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/train.yaml): after a sweep, one line on how
-    its jobs ended and the command that turns it into the results table."""
+    its jobs ended and the command that turns it into the results table. A sweep whose jobs
+    all failed exits with status 1 (as ``metalearn.report`` does), so scripts notice; one with
+    some results exits 0."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         root = Path(config.hydra.sweep.dir)
@@ -502,6 +504,8 @@ class SweepSummary(Callback):
             f"\nSweep done: {len(runs)} jobs, {len(runs) - failed} ok, {failed} failed."
             f" Results table and curves: python -m metalearn.report {root}"
         )
+        if runs and failed == len(runs):
+            raise SystemExit(f"every job of the sweep failed: see {root}/*/metrics.json")
 
 
 def main(argv: Iterable[str] | None = None) -> int:
