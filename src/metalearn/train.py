@@ -120,14 +120,10 @@ def run(cfg: DictConfig) -> dict:
             ) from err
         best, fitted = checkpoint.best_model_path or None, True
         if stopper.requested or stopper.terminated:  # checkpointed where it stopped; no test
-            signal_name = "SIGTERM" if stopper.terminated else "Ctrl-C"
-            metrics = {
-                **metrics,
-                **outcome(cfg, trainer, algo, best, time.time() - start),
-                "status": "interrupted",
-                "error": f"interrupted ({signal_name}) at step {trainer.global_step}",
-                "resume_from": stopper.resume_from(),
-            }
+            by = "SIGTERM" if stopper.terminated else "Ctrl-C"
+            done = outcome(cfg, trainer, algo, best, time.time() - start)
+            error = f"interrupted ({by}) at step {trainer.global_step}"
+            metrics = {**metrics, **interrupted_outcome(done, error, stopper)}
             return metrics
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
             log.warning(
@@ -142,16 +138,15 @@ def run(cfg: DictConfig) -> dict:
             trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
         metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
     except BaseException as err:
-        if interrupted(err, trainer) and fitted:  # while testing: keep the training
-            metrics = {
-                **metrics,
-                **outcome(cfg, trainer, algo, best, time.time() - start),
-                "status": "interrupted",
-                "error": "interrupted while testing; the same command with ckpt_path="
-                f"{stopper.resume_from()} tests it",
-                "resume_from": stopper.resume_from(),
-            }
-        elif interrupted(err, trainer):
+        stopped = interrupted(err, trainer)
+        if stopped and fitted:  # while testing: keep the training
+            done = outcome(cfg, trainer, algo, best, time.time() - start)
+            error = (
+                "interrupted while testing; the same command with ckpt_path="
+                f"{stopper.resume_from()} tests it"
+            )
+            metrics = {**metrics, **interrupted_outcome(done, error, stopper)}
+        elif stopped:
             by = "SIGTERM" if isinstance(err, SIGTERMException) else "Ctrl-C"
             metrics = {**metrics, "status": "interrupted", "error": f"aborted ({by})"}
         else:
@@ -161,6 +156,11 @@ def run(cfg: DictConfig) -> dict:
         write_metrics(out, metrics)
         finish_loggers(loggers, failed=metrics.get("status") != "ok")
     return metrics
+
+
+def interrupted_outcome(done: dict, error: str, stopper: StopOnInterrupt) -> dict:
+    """``outcome`` of a run stopped by a signal: status, what stopped it, where to resume."""
+    return {**done, "status": "interrupted", "error": error, "resume_from": stopper.resume_from()}
 
 
 def interrupted(err: BaseException, trainer) -> bool:

@@ -45,9 +45,14 @@ def on_cpu(state: dict) -> dict:
     return {n: {k: torch.as_tensor(v).cpu() for k, v in s.items()} for n, s in state.items()}
 
 
+def world_size() -> int:
+    """Processes in the default group; 1 outside DDP."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def from_rank_0(state: dict) -> dict:
     """Rank 0's ``state`` on every rank (on the CPU); a collective call under DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return state
     box = [on_cpu(state) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -56,9 +61,9 @@ def from_rank_0(state: dict) -> dict:
 
 def gathered(state: dict) -> list[dict]:
     """Every rank's ``state`` (rank order), on the CPU; a collective call under DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return [on_cpu(state)]
-    states: list = [None] * dist.get_world_size()
+    states: list = [None] * world_size()
     dist.all_gather_object(states, on_cpu(state))
     return states
 
