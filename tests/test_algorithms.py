@@ -582,10 +582,11 @@ def test_reptile_inner_adam_state_carries_over_and_is_checkpointed():
     torch.testing.assert_close(other.evaluate(eps), accs)
     support = [(eps.support_x[0], eps.support_y[0])] * 3
     torch.testing.assert_close(
-        other.adapt(support, dict(other.inner_state))[0], module.adapt(support, dict(state))[0]
+        other.fit_task(support, dict(other.inner_state))[0],
+        module.fit_task(support, dict(state))[0],
     )
-    fresh, _ = other.adapt(support, {})  # a fresh Adam adapts differently
-    assert not torch.equal(fresh["head.weight"], module.adapt(support, state)[0]["head.weight"])
+    fresh, _ = other.fit_task(support, {})  # a fresh Adam adapts differently
+    assert not torch.equal(fresh["head.weight"], module.fit_task(support, state)[0]["head.weight"])
 
 
 def test_reptile_evaluation_fine_tunes_on_support_and_keeps_theta():

@@ -92,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
         metrics["queries"] = datamodule.queries  # queries=auto resolved
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
         algo.run_config = run_settings(cfg)
+        algo.preprocessing = datamodule.preprocessing().to_dict()
         if not algo.uses_engine:
             log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
             metrics["engine"] = None

@@ -18,6 +18,9 @@ from torch import nn
 
 from metalearn.errors import NonFiniteLossError
 
+# Version of what ``on_save_checkpoint`` writes under "metalearn" (metalearn.load checks it).
+CHECKPOINT_FORMAT = 1
+
 
 def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
     """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode accuracies."""
@@ -41,6 +44,8 @@ class EpisodicModule(L.LightningModule):
     """Base class. Subclasses implement ``training_step`` and ``evaluate(episodes)``."""
 
     uses_engine = False  # whether the ``engine`` config (the differentiable inner loop) is used
+    trained_head = False  # whether test-time adaptation starts from the trained N-way head
+    head_init = "auto"  # how it starts for other numbers of classes (algorithms/heads.py)
 
     def __init__(
         self,
@@ -62,6 +67,7 @@ class EpisodicModule(L.LightningModule):
         self.history: list[dict] = []
         self.validated = 0  # validation epochs run by this process (not saved in checkpoints)
         self.run_config: dict | None = None  # the run's composed config, set by train.run
+        self.preprocessing: dict | None = None  # how images become inputs (data/transforms.py)
         self._eval_accs: list[torch.Tensor] = []
         self._first_step = 0  # the first outer step of this fit
         self._log_step = True  # whether this training step logs (see log_train)
@@ -74,9 +80,39 @@ class EpisodicModule(L.LightningModule):
     def outer_parameters(self):
         return self.parameters()
 
-    def evaluate(self, episodes) -> torch.Tensor:
-        """Adapt on each episode's support set; return query accuracy per episode [B]."""
+    def query_logits(self, episodes) -> torch.Tensor:
+        """Adapt on each episode's support set; return its query logits [B, Q, N] (detached).
+
+        The one test-time procedure: evaluation and ``adapt(...).predict`` both go through it.
+        """
         raise NotImplementedError
+
+    def evaluate(self, episodes) -> torch.Tensor:
+        """Query accuracy per episode [B]."""
+        logits = self.query_logits(episodes)
+        return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+
+    # ---- a trained model in use (metalearn/learner.py) ---------------------------------
+    def adapt(self, images, labels, **options):
+        """Adapt to a support set of a user's own images; ``.predict(images)`` labels more.
+
+        See ``metalearn.learner.adapt`` for what ``images``, ``labels`` and options may be."""
+        from metalearn.learner import adapt
+
+        return adapt(self, images, labels, **options)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, **kwargs):
+        """The learner a metalearn checkpoint holds (``metalearn.load``), checked to be a
+        ``cls``. The checkpoint describes itself: no arguments are needed."""
+        from metalearn.learner import load
+
+        if kwargs:
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint takes no hyperparameters "
+                f"({', '.join(kwargs)}): the checkpoint holds its settings"
+            )
+        return load(checkpoint_path, map_location=map_location, expect=cls)
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
@@ -254,6 +290,9 @@ class EpisodicModule(L.LightningModule):
     # ---- checkpoint state beyond parameters -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["metalearn"] = {
+            "format": CHECKPOINT_FORMAT,
+            "algorithm": f"{type(self).__module__}.{type(self).__qualname__}",
+            "preprocessing": self.preprocessing,
             "val_best": self.val_best,
             "history": self.history,
             "config": self.run_config,  # what train.run was given (checked when resuming)

@@ -22,11 +22,15 @@ the plain SGD inner optimizer (``inner_optimizer=sgd``).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
 
+from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
+from metalearn.data.episodes import Episodes
 from metalearn.engines.base import InnerLoop
 from metalearn.errors import ConfigError
 from metalearn.models.conv4 import StepNorm
@@ -73,6 +77,7 @@ class GBML(EpisodicModule):
     """MAML and its family. Args are the ``algo`` config keys (see conf/algo/maml.yaml)."""
 
     uses_engine = True
+    trained_head = True
 
     def __init__(
         self,
@@ -124,7 +129,7 @@ class GBML(EpisodicModule):
         super().__init__(model, optimizer, name, meta_batch_size, cosine, min_lr)
         self.engine = engine
         self.inner_lr, self.inner_steps_test = inner_lr, inner_steps_test
-        self.first_order, self.inner_rates, self.adapt = first_order, inner_rates, adapt
+        self.first_order, self.inner_rates, self.adapt_scope = first_order, inner_rates, adapt
         self.inner_optimizer = inner_optimizer
         self.msl, self.msl_epochs, self.da, self.da_epochs = msl, msl_epochs, da, da_epochs
         self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
@@ -216,8 +221,33 @@ class GBML(EpisodicModule):
         if self.inner_rates == "hypergradient":
             self.log_train(alpha=self.rates["alpha"].detach(), beta=self.beta)
 
-    def evaluate(self, episodes) -> torch.Tensor:
-        return self.engine(self.model, self.eval_loop(), episodes).acc
+    def query_logits(self, episodes) -> torch.Tensor:
+        ways = int(episodes.support_y[0].max()) + 1
+        init = heads.resolved(self.head_init, self.model, ways)
+        if init == "trained":
+            return self.engine(self.model, self.eval_loop(), episodes).logits
+        logits = []
+        for episode in zip(*episodes, strict=True):
+            sx, sy = episode[:2]
+            model = heads.with_head(self.model, sx, sy, ways, init)
+            loop = replace(self.eval_loop(), lr=self.rate_for(model))
+            single = Episodes(*(t.unsqueeze(0) for t in episode))
+            logits.append(self.engine(model, loop, single).logits[0])
+        return torch.stack(logits)
+
+    def rate_for(self, model: nn.Module):
+        """``inner_rate`` for ``model``, whose head may have another number of classes: a
+        head's per-element learned rates (Meta-SGD) become their mean over the trained classes
+        (the classes' labels were permuted in training, so no row is special)."""
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+
+        def rate(name: str, step: int):
+            r = self.inner_rate(name, step)
+            if torch.is_tensor(r) and r.dim() and r.shape != shapes[name]:
+                return r.mean(0, keepdim=True)
+            return r
+
+        return rate
 
     # ---- Alpha-MAML: hypergradient descent on alpha and beta -----------------------------
     def configure_optimizers(self):

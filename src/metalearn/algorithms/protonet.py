@@ -57,11 +57,8 @@ class ProtoNet(EpisodicModule):
         self.outer_step(loss)
         self.log_train(loss=loss.detach(), acc=torch.stack(accs).mean())
 
-    def evaluate(self, episodes) -> torch.Tensor:
+    def query_logits(self, episodes) -> torch.Tensor:
         with torch.no_grad():
             return torch.stack(
-                [
-                    accuracy(self.episode_logits(sx, sy, qx), qy)
-                    for sx, sy, qx, qy in zip(*episodes, strict=True)
-                ]
+                [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)]
             )

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.func import functional_call
 
+from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
 from metalearn.engines.base import accuracy, check_inner_optimizer
@@ -79,6 +80,8 @@ class Reptile(EpisodicModule):
     ``engine`` is accepted for a uniform interface and unused: Reptile needs no
     differentiable inner loop.
     """
+
+    trained_head = True
 
     def __init__(
         self,
@@ -141,11 +144,17 @@ class Reptile(EpisodicModule):
             for i in range(self.inner_steps)
         ]
 
-    def adapt(self, batches, state: dict) -> tuple[dict, torch.Tensor]:
-        """Fine-tune a copy of theta on ``batches``, its optimizer starting from ``state``."""
-        params = dict(self.model.named_parameters())
+    def fit_task(self, batches, state: dict, model=None) -> tuple[dict, torch.Tensor]:
+        """Fine-tune a copy of theta (of ``model``, by default the learned one) on ``batches``,
+        its optimizer starting from ``state``."""
+        model = self.model if model is None else model
+        params = dict(model.named_parameters())
+
+        def forward(p, x):
+            return functional_call(model, p, (x,))
+
         return fit(
-            self.forward_with,
+            forward,
             params,
             params,
             batches,
@@ -164,7 +173,7 @@ class Reptile(EpisodicModule):
             x, y = (
                 (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
             )
-            phi, loss = self.adapt(self.inner_batches(x, y, task), self.inner_state)
+            phi, loss = self.fit_task(self.inner_batches(x, y, task), self.inner_state)
             self.check_finite(loss)
             for n in shift:
                 shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
@@ -182,13 +191,19 @@ class Reptile(EpisodicModule):
         )
 
     # ---- evaluation --------------------------------------------------------------------------
-    def evaluate(self, episodes) -> torch.Tensor:
-        accs, start = [], self.inner_state if self.eval_state is None else self.eval_state
-        for sx, sy, qx, qy in zip(*episodes, strict=True):
-            phi, _ = self.adapt([(sx, sy)] * self.inner_steps_test, dict(start))
+    def query_logits(self, episodes) -> torch.Tensor:
+        logits, start = [], self.inner_state if self.eval_state is None else self.eval_state
+        ways = int(episodes.support_y[0].max()) + 1
+        init = heads.resolved(self.head_init, self.model, ways)
+        for sx, sy, qx in zip(*episodes[:3], strict=True):
+            model, state = self.model, dict(start)
+            if init != "trained":  # a new head: the trained head's optimizer state is moot
+                model = heads.with_head(self.model, sx, sy, ways, init)
+                state = {n: s for n, s in state.items() if not n.startswith("head.")}
+            phi, _ = self.fit_task([(sx, sy)] * self.inner_steps_test, state, model)
             with torch.no_grad():
-                accs.append(accuracy(self.forward_with(phi, qx), qy))
-        return torch.stack(accs)
+                logits.append(functional_call(model, phi, (qx,)))
+        return torch.stack(logits)
 
     def on_validation_start(self) -> None:
         self.eval_state = from_rank_0(self.inner_state)

@@ -29,10 +29,11 @@ from metalearn.data.episodes import (
     sample_indices,
     seeded_rng,
 )
-from metalearn.data.sources import SOURCES, load_splits
+from metalearn.data.sources import FILES, SOURCES, load_splits
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.sources.quickdraw import BITMAP_URL
 from metalearn.data.splits import Splits, check_disjoint
+from metalearn.data.transforms import Preprocessing
 from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 from metalearn.interrupt import ignore_sigint
@@ -257,6 +258,10 @@ class EpisodeDataModule(L.LightningDataModule):
     def splits(self) -> Splits:
         self.setup()
         return self._splits
+
+    def preprocessing(self) -> Preprocessing:
+        """How this source's images become model inputs (saved in checkpoints)."""
+        return Preprocessing(self.name, self.image_size, channels=1, **FILES[self.name])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

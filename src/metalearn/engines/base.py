@@ -63,6 +63,7 @@ class Adapted:
     objective: torch.Tensor  # scalar meta-objective, mean over tasks (backward me)
     loss: torch.Tensor  # [B] weighted query loss per task, detached (for logging)
     acc: torch.Tensor  # [B] query accuracy after the last inner step
+    logits: torch.Tensor | None = None  # [B, Q, N] query logits after the last step, detached
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ from metalearn.errors import ConfigError
 
 
 def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> tuple:
-    """Adapt ``params`` on (sx, sy); return (weighted query loss, final query accuracy).
+    """Adapt ``params`` on (sx, sy); return (weighted query loss, final query accuracy, final
+    query logits, detached).
 
     ``grad(f, sub) -> dict`` differentiates ``f(sub)`` w.r.t. the dict ``sub``; it is
     ``torch.autograd.grad`` in the loop engine and ``torch.func.grad`` under vmap.
@@ -33,7 +34,7 @@ def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> 
     if logits is None:  # no inner steps: score the initial parameters
         logits = forward(fast, qx, 0)
         objective = cross_entropy(logits, qy)
-    return objective, accuracy(logits, qy)
+    return objective, accuracy(logits, qy), logits.detach()
 
 
 def check_sgd(loop: InnerLoop, engine: str) -> None:
@@ -62,10 +63,13 @@ class FuncEngine:
             gs = torch.autograd.grad(f(sub), list(sub.values()), create_graph=not loop.first_order)
             return dict(zip(sub, gs, strict=True))
 
-        losses, accs = [], []
+        losses, accs, logits = [], [], []
         for sx, sy, qx, qy in zip(*episodes, strict=True):
-            loss, acc = adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
+            loss, acc, task_logits = adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
             losses.append(loss)
             accs.append(acc)
+            logits.append(task_logits)
         losses = torch.stack(losses)
-        return Adapted(losses.mean(), losses.detach(), torch.stack(accs).detach())
+        return Adapted(
+            losses.mean(), losses.detach(), torch.stack(accs).detach(), torch.stack(logits)
+        )

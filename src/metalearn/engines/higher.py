@@ -67,7 +67,7 @@ class HigherEngine:
         names, theta = list(named), list(named.values())
         opt = inner_optimizer(loop, [named[n] for n in loop.adapt])
         weights = loop.weights()
-        objectives, losses, accs = [], [], []
+        objectives, losses, accs, query_logits = [], [], [], []
         for sx, sy, qx, qy in zip(*episodes, strict=True):
             with higher.innerloop_ctx(
                 model, opt, copy_initial_weights=False, track_higher_grads=not loop.first_order
@@ -106,7 +106,13 @@ class HigherEngine:
             objectives.append(objective)
             losses.append(torch.as_tensor(loss).detach())
             accs.append(accuracy(logits, qy).detach())
-        return Adapted(torch.stack(objectives).mean(), torch.stack(losses), torch.stack(accs))
+            query_logits.append(logits.detach())
+        return Adapted(
+            torch.stack(objectives).mean(),
+            torch.stack(losses),
+            torch.stack(accs),
+            torch.stack(query_logits),
+        )
 
     @staticmethod
     def _meta_term(q_loss, fmodel, theta, loop: InnerLoop, shifts, names):

@@ -182,5 +182,6 @@ def vmapped(
     def task(sx, sy, qx, qy):
         return adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
 
-    losses, accs = torch.func.vmap(task, randomness=randomness, chunk_size=chunk_size)(*episodes)
-    return Adapted(losses.mean(), losses.detach(), accs.detach())
+    run = torch.func.vmap(task, randomness=randomness, chunk_size=chunk_size)
+    losses, accs, logits = run(*episodes)
+    return Adapted(losses.mean(), losses.detach(), accs.detach(), logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from metalearn.data.sources import omniglot, quickdraw
 from metalearn.data.sources.base import ClassImages, add_rotations, take_samples
 from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.sources.quickdraw import load_quickdraw
@@ -9,8 +10,10 @@ from metalearn.data.splits import Splits
 from metalearn.errors import ConfigError
 
 SOURCES = {"omniglot": load_omniglot, "quickdraw": load_quickdraw}
+# How each source's files look (polarity, resize recipe): see metalearn.data.transforms.
+FILES = {"omniglot": omniglot.FILES, "quickdraw": quickdraw.FILES}
 
-__all__ = ["SOURCES", "ClassImages", "Splits", "load_splits"]
+__all__ = ["FILES", "SOURCES", "ClassImages", "Splits", "load_splits"]
 
 
 def load_splits(

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from metalearn.data.transforms import resize_bilinear as resize_images  # noqa: F401 (re-export)
 from metalearn.errors import DataError
 
 ROTATION_SUFFIXES = ("/rot90", "/rot180", "/rot270")
@@ -90,21 +89,6 @@ def add_rotations(classes: ClassImages) -> ClassImages:
     for suffix in ROTATION_SUFFIXES:
         names += [name + suffix for name in classes.names]
     return ClassImages(np.ascontiguousarray(np.concatenate(images)), names, classes.groups * 4)
-
-
-def resize_images(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
-    """Resize uint8 [..., H, W] images to size x size (antialiased bilinear, torch only)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    flat = images.reshape(-1, 1, *images.shape[-2:])
-    out = np.empty((flat.shape[0], size, size), dtype=np.uint8)
-    for start in range(0, flat.shape[0], chunk):
-        x = torch.from_numpy(flat[start : start + chunk]).float()
-        y = F.interpolate(
-            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        out[start : start + chunk] = y.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
-    return out.reshape(*images.shape[:-2], size, size)
 
 
 def group_by_label(images: np.ndarray, labels: np.ndarray, num_classes: int, path: Path):

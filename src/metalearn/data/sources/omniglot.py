@@ -34,6 +34,7 @@ import numpy as np
 from metalearn.data.download import download as fetch
 from metalearn.data.sources.base import ClassImages, group_by_label, load_npz
 from metalearn.data.splits import Splits, seeded_order, select_groups
+from metalearn.data.transforms import resize_lanczos
 from metalearn.errors import ConfigError, DataError
 
 PARTS = ("images_background", "images_evaluation")
@@ -55,6 +56,8 @@ ZIP_MD5 = {
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 NPZ_KEYS = ("images", "labels", "class_names", "alphabets")
+# The files' images: black strokes on white paper, inverted on loading, resized by `resize`.
+FILES = {"paper_white": True, "resize": "lanczos"}
 
 
 def load_omniglot(
@@ -137,15 +140,8 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     third of the pixels (by up to 70 levels), so the zips would give other data than the npz."""
     if images.shape[-2:] == (size, size):
         return images
-    image_module = _pillow()
-    paper_high = 255 - images.reshape(-1, *images.shape[-2:])
-    out = np.stack(
-        [
-            np.asarray(image_module.fromarray(x).resize((size, size), image_module.LANCZOS))
-            for x in paper_high
-        ]
-    )
-    return (255 - out).reshape(*images.shape[:-2], size, size)
+    _pillow()
+    return 255 - resize_lanczos(255 - images, size)
 
 
 def read_npz(path: Path, folder: Path) -> ClassImages:

@@ -44,6 +44,9 @@ HEADER_READERS = {
     (2, 0): np.lib.format.read_array_header_2_0,
 }
 
+# The files' images: ink-high already (255 = stroke), resized with antialiased bilinear.
+FILES = {"paper_white": False, "resize": "bilinear"}
+
 
 def load_quickdraw(
     root,

@@ -1,0 +1,205 @@
+"""The one preprocessing path from an image to a model input, shared by the data sources
+(their resize recipes) and the adapt API (a user's own images, metalearn/learner.py).
+
+A model is trained on images as its source delivers them: uint8, ``channels`` channels,
+``image_size`` square, stored ink-high (255 = stroke) when the source's files are drawings
+on white paper. ``Preprocessing`` records that in every checkpoint, and ``prepare`` applies it
+to any image a user brings: decode, drop alpha onto white paper, convert to the model's
+channels, resize with the source's own recipe, invert where the source inverts, scale to
+[0, 1] (and normalise, if the source is normalised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metalearn.errors import DataError
+
+RESIZE_RECIPES = ("lanczos", "bilinear")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a source's images become model inputs (saved in checkpoints as a dict).
+
+    ``paper_white``: the source's files are dark strokes on white paper (Omniglot's PNGs); they
+    are inverted to ink-high when loaded. ``resize``: the recipe the source resizes with.
+    """
+
+    source: str
+    image_size: int
+    channels: int = 1
+    paper_white: bool = False
+    resize: str = "bilinear"
+    mean: tuple[float, ...] | None = None  # per channel, after scaling to [0, 1]
+    std: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        for key in ("mean", "std"):
+            if known.get(key) is not None:
+                known[key] = tuple(known[key])
+        return cls(**known)
+
+
+# ---- resize recipes (the sources resize with these too) ------------------------------------
+def resize_lanczos(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [..., H, W] to size x size with Pillow's LANCZOS, on the polarity given (the
+    recipe of the Omniglot ``_28.npz`` files, applied to the original paper-white images)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    from PIL import Image
+
+    flat = images.reshape(-1, *images.shape[-2:])
+    out = np.stack(
+        [np.asarray(Image.fromarray(x).resize((size, size), Image.LANCZOS)) for x in flat]
+    )
+    return out.reshape(*images.shape[:-2], size, size)
+
+
+def resize_bilinear(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
+    """uint8 [..., H, W] to size x size (antialiased bilinear, torch only)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    flat = images.reshape(-1, 1, *images.shape[-2:])
+    out = np.empty((flat.shape[0], size, size), dtype=np.uint8)
+    for start in range(0, flat.shape[0], chunk):
+        x = torch.from_numpy(np.ascontiguousarray(flat[start : start + chunk])).float()
+        y = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+        out[start : start + chunk] = y.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    return out.reshape(*images.shape[:-2], size, size)
+
+
+RESIZERS = {"lanczos": resize_lanczos, "bilinear": resize_bilinear}
+
+
+# ---- a user's images -----------------------------------------------------------------------
+def split_images(images) -> list:
+    """A sequence of images from what a user passes: a list (of paths, PIL images, arrays,
+    tensors), a folder's files, or one batched array/tensor (numpy [n, H, W] / [n, H, W, C],
+    torch [n, H, W] / [n, C, H, W])."""
+    if isinstance(images, np.ndarray | torch.Tensor):
+        if images.ndim == 4:
+            return list(images)
+        if images.ndim == 3 and not one_image(images):
+            return list(images)
+        return [images]
+    if isinstance(images, str | Path):
+        return [images]
+    return list(images)
+
+
+def one_image(array) -> bool:
+    """A 3-D array that is one image: torch [C, H, W] or numpy [H, W, C] with C in 1, 3, 4."""
+    if isinstance(array, torch.Tensor):
+        return array.shape[0] in (1, 3, 4)
+    return array.shape[-1] in (1, 3, 4)
+
+
+def to_pil(image, name: str):
+    """A PIL image from a path, a PIL image, or an array/tensor (uint8 0..255, or float 0..1)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, str | Path):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                return im
+        except FileNotFoundError as err:
+            raise DataError(f"{image}: no such image file") from err
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise DataError(
+                f"{image} is not an image Pillow can decode ({err}): remove it or convert it "
+                "to PNG/JPEG"
+            ) from err
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise DataError(
+            f"{name}: an array of shape {array.shape} is not an image ([H, W], [H, W, C] or "
+            "torch [C, H, W] with 1, 3 or 4 channels)"
+        )
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float64)
+        if array.size and array.max() <= 1.0:
+            array = array * 255.0
+        array = np.clip(np.round(array), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def to_channels(im, channels: int):
+    """``im`` as mode L (1 channel) or RGB (3); transparency becomes white paper."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(paper, rgba)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def is_colour(im) -> bool:
+    return im.mode not in ("1", "L", "LA", "I", "I;16", "F")
+
+
+def prepare(
+    images, spec: Preprocessing, invert: bool | None = None, notes: set | None = None
+) -> torch.Tensor:
+    """Images of any size and mode as model inputs: float32 [n, C, H, W].
+
+    ``images`` (see ``split_images``) are taken as the training source's files hold them (e.g.
+    Omniglot's: black strokes on white paper) and converted exactly as the source converts its
+    files. ``invert`` overrides the source's polarity rule (True: invert, False: keep), for
+    drawings made another way. ``notes`` collects what was converted (colour to grayscale, ...),
+    so a caller can say it once.
+    """
+    items = split_images(images)
+    if not items:
+        raise DataError("no images given")
+    flip = spec.paper_white if invert is None else bool(invert)
+    resize = RESIZERS[spec.resize]
+    out = []
+    for i, item in enumerate(items):
+        name = str(item) if isinstance(item, str | Path) else f"image {i}"
+        im = to_pil(item, name)
+        if notes is not None and is_colour(im) != (spec.channels == 3):
+            kind = "colour" if is_colour(im) else "grayscale"
+            notes.add(f"{kind} images converted to {'RGB' if spec.channels == 3 else 'grayscale'}")
+        array = np.asarray(to_channels(im, spec.channels), dtype=np.uint8)
+        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # [C, H, W]
+        array = resize(np.ascontiguousarray(array), spec.image_size)
+        out.append(255 - array if flip else array)
+    x = torch.from_numpy(np.stack(out)).float().div_(255.0)
+    if spec.mean is not None and spec.std is not None:
+        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        x = (x - mean) / torch.tensor(spec.std).view(1, -1, 1, 1)
+    elif notes is not None and spec.channels == 1 and x.mean() > 0.5:
+        notes.add(
+            f"the converted images are mostly ink (mean {float(x.mean()):.2f}; the model was "
+            "trained on bright strokes on a dark background): if your drawings are dark on "
+            f"light, pass invert={not flip}"
+        )
+    return x
+
+
+def image_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
