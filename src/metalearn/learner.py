@@ -146,6 +146,7 @@ def load(path, map_location="cpu", expect: type | None = None) -> EpisodicModule
     learner.run_config = config
     learner.preprocessing = preprocessing_of(ckpt, config).to_dict()
     learner.checkpoint_path = str(path)
+    learner.trained_steps = ckpt.get("global_step")
     if map_location is not None:
         learner.to(map_location)
     return learner.eval()

@@ -15,10 +15,11 @@ import hydra
 import matplotlib
 from omegaconf import DictConfig
 
+from metalearn import paths
 from metalearn.data.episodes import EpisodeIndices, materialise
 from metalearn.errors import ConfigError
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(paths.CONF_DIR)
 QUERY_COLUMNS = 10
 SPLITS = ("val", "test", "train")
 

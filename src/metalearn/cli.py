@@ -1,0 +1,74 @@
+"""What the user commands share: ``key=value`` options, ``--help``, errors without tracebacks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from metalearn.errors import ConfigError, MetalearnError
+
+
+def parse(argv: list[str], options: dict[str, str | None], usage: str) -> tuple[dict, list]:
+    """Split ``argv`` into the tool's own ``options`` (name -> default; None = required) and
+    the other ``key=value`` arguments (Hydra overrides of the training config). ``-h``/``--help``
+    prints ``usage`` and exits."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        raise SystemExit(0)
+    values, rest = dict(options), []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+")
+        if not sep or not key:
+            raise ConfigError(f"{arg!r}: arguments are key=value (see --help)")
+        if key in options:
+            values[key] = value
+        else:
+            rest.append(f"{key}={value}")
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)} (see --help)")
+    return values, rest
+
+
+def flag(name: str, value: str) -> bool | None:
+    """auto/true/false option -> None/True/False."""
+    text = str(value).lower()
+    if text in ("auto", "none", "null", ""):
+        return None
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"{name}={value}: use auto, true or false")
+
+
+def default_output(task: str) -> Path:
+    """outputs/<task>/<date>/<time> (as a training run's outputs/<date>/<time>)."""
+    return Path("outputs", task, time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
+
+
+def main_of(run: Callable[[list[str]], int | None]) -> Callable[[], None]:
+    """A console entry point: one message naming the fix (exit 1) instead of a traceback for
+    the errors a user can act on (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
+
+    def main() -> None:
+        from metalearn.utils import log_through_hydra
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        log_through_hydra()  # Lightning's adverts and deprecation noise, as in training
+        try:
+            status = run(sys.argv[1:])
+        except MetalearnError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
+            print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise SystemExit(status or 0)
+
+    return main

@@ -1,0 +1,164 @@
+"""Score a checkpoint on fixed meta-test episodes without training: ``metalearn.evaluate``.
+
+The episodes are those a training run tests on (seeded by ``data.eval_seed``), of the
+checkpoint's own dataset and episode shape unless overridden: ``data=quickdraw`` measures
+cross-domain transfer, ``ways=20`` another episode shape. Writes ``metrics.json`` marked
+``kind: evaluation`` (with the checkpoint it scored and what it was trained on), so
+``metalearn.report`` tabulates evaluations next to training runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from metalearn.cli import default_output, main_of, parse
+from metalearn.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+USAGE = """\
+metalearn.evaluate: test accuracy +- 95 % CI of a checkpoint on fixed meta-test episodes.
+
+Usage:  python -m metalearn.evaluate ckpt=<file> [key=value ...]
+
+  ckpt=         a checkpoint a training run wrote (best-*.ckpt, last.ckpt)
+  output_dir=   where metrics.json goes (default outputs/evaluate/<date>/<time>)
+  head_init=    auto (default), prototypes or zeros: how a MAML/Reptile model's N-way head
+                starts on episodes with another number of classes (docs/adapt.md)
+  any training setting, without '+': the episodes default to the checkpoint's own dataset and
+  shape; e.g. data=quickdraw, ways=20, shots=5, queries=15, data.test_episodes=1000,
+  data.eval_seed=1, engine=vmap, trainer=gpu
+
+Examples:
+  python -m metalearn.evaluate ckpt=outputs/.../checkpoints/best-epoch005-step600.ckpt
+  python -m metalearn.evaluate ckpt=... data=quickdraw        (trained on Omniglot)
+  python -m metalearn.evaluate ckpt=... ways=20 head_init=zeros
+"""
+
+# Settings taken from the checkpoint unless given: the episode shape, and the data settings
+# that define the images (paths, workers and batch sizes are this machine's).
+EPISODE_KEYS = ("ways", "shots", "queries")
+LOCAL_DATA_KEYS = ("root", "download", "num_workers", "meta_batch_size", "seed")
+
+
+def overridden(overrides: list[str]) -> set[str]:
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def compose_for(settings: dict, overrides: list[str], output_dir: Path):
+    """The training config for evaluating a checkpoint trained with ``settings`` (flat): the
+    checkpoint's dataset and episode shape, then the user's ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from metalearn.paths import CONF_DIR
+
+    given = overridden(overrides)
+    same_data = "data" not in given
+    base = [] if not same_data else [f"data={settings.get('data.name', 'omniglot')}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        try:
+            fixed = ["logger=none", f"output_dir={output_dir}"]
+            cfg = compose("train", overrides=[*base, *overrides, *fixed])
+        except Exception as err:  # Hydra's own message names the bad override
+            raise ConfigError(f"{err} (see --help)") from err
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(cfg):
+        for key in EPISODE_KEYS:
+            if key not in given and key in settings:
+                cfg[key] = settings[key]
+        for key, value in settings.items():
+            name = key.removeprefix("data.")
+            if not key.startswith("data.") or key in given or name in LOCAL_DATA_KEYS:
+                continue
+            if name in EPISODE_KEYS or name not in cfg.data:
+                continue
+            if same_data or name == "image_size":  # another dataset: only the model's size
+                OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
+    """Test accuracy of ``ckpt`` on fixed meta-test episodes; writes and returns metrics."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from metalearn.algorithms.heads import check_head_init
+    from metalearn.learner import load
+    from metalearn.train import build, run_info, write_metrics
+
+    start = time.time()
+    check_head_init(head_init)
+    learner = load(ckpt)
+    settings = learner.run_config
+    out = Path(output_dir) if output_dir else default_output("evaluate")
+    cfg = compose_for(settings, list(overrides), out)
+    datamodule = build(cfg.data)
+    datamodule.setup()
+    trained_size = int(settings.get("model.image_size") or settings.get("data.image_size", 0))
+    if trained_size and datamodule.image_size != trained_size:
+        raise ConfigError(
+            f"the checkpoint's model takes {trained_size}x{trained_size} images, the episodes "
+            f"are {datamodule.image_size}x{datamodule.image_size}: drop data.image_size"
+        )
+    if "engine" in overridden(list(overrides)) and learner.uses_engine:
+        learner.engine = build(cfg.engine)
+        learner.engine.check(learner.model, learner.eval_loop())
+    learner.head_init = head_init
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    trainer = build(
+        cfg.trainer,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
+        enable_model_summary=False,
+    )
+    trainer.test(learner, datamodule=datamodule, verbose=False)
+    logged = trainer.callback_metrics
+    metrics = {
+        **run_info(cfg),
+        "kind": "evaluation",
+        "status": "ok",
+        "algo": settings.get("algo.name"),
+        "queries": datamodule.queries,
+        "test/acc": float(logged["test/acc"]),
+        "test/acc_ci95": float(logged["test/acc_ci95"]),
+        "test_episodes": datamodule.test_episodes,
+        "head_init": head_init,
+        "checkpoint": str(Path(ckpt).resolve()),
+        "trained": {
+            "dataset": settings.get("data.name"),
+            "ways": settings.get("ways"),
+            "shots": settings.get("shots"),
+            "steps": learner.trained_steps,
+        },
+        "overrides": list(overrides),
+        "wall_s": round(time.time() - start, 2),
+    }
+    metrics["engine"] = cfg.engine._target_.rsplit(".", 1)[-1].removesuffix("Engine").lower()
+    if not learner.uses_engine:
+        metrics["engine"] = None
+    write_metrics(out, metrics)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    return {**metrics, "output_dir": str(out)}
+
+
+def run(argv: list[str]) -> int:
+    opts, overrides = parse(argv, {"ckpt": None, "output_dir": "", "head_init": "auto"}, USAGE)
+    metrics = evaluate(opts["ckpt"], overrides, opts["output_dir"] or None, opts["head_init"])
+    print(
+        f"{metrics['algo']} on {metrics['dataset']} {metrics['ways']}-way {metrics['shots']}-shot"
+        f" ({metrics['test_episodes']} episodes): test/acc {metrics['test/acc']:.2%} "
+        f"± {metrics['test/acc_ci95']:.2%}"
+    )
+    print(f"wrote {Path(metrics['output_dir']) / 'metrics.json'}")
+    return 0
+
+
+main = main_of(run)
+
+if __name__ == "__main__":
+    main()
