@@ -78,8 +78,16 @@ class Run:
             str(self.get("dataset", "?")),
             "all" if samples is None else str(samples),
             str(self.get("algo", "?")),
-            self.variant,
+            " ".join(v for v in (self.variant, self.evaluated()) if v),
         )
+
+    def evaluated(self) -> str:
+        """'evaluation of <dataset> <w>w<s>s' for a ``metalearn.evaluate`` result: a
+        checkpoint scored on other episodes than its own run's test."""
+        if self.get("kind") != "evaluation":
+            return ""
+        t = self.get("trained") or {}
+        return f"evaluation of {t.get('dataset')} {t.get('ways')}w{t.get('shots')}s"
 
     @property
     def column(self) -> tuple[int, int]:

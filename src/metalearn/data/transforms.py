@@ -86,14 +86,16 @@ RESIZERS = {"lanczos": resize_lanczos, "bilinear": resize_bilinear}
 
 
 # ---- a user's images -----------------------------------------------------------------------
-def split_images(images) -> list:
+def split_images(images, channels: int = 1) -> list:
     """A sequence of images from what a user passes: a list (of paths, PIL images, arrays,
-    tensors), a folder's files, or one batched array/tensor (numpy [n, H, W] / [n, H, W, C],
-    torch [n, H, W] / [n, C, H, W])."""
+    tensors), or one batched array/tensor (numpy [n, H, W] / [n, H, W, C], torch [n, H, W] /
+    [n, C, H, W]). A 3-D torch tensor is one image when its first axis is the model's
+    channels (1, or 3-4 for a colour model), else a batch of grayscale images: pass a list
+    to be unambiguous."""
     if isinstance(images, np.ndarray | torch.Tensor):
         if images.ndim == 4:
             return list(images)
-        if images.ndim == 3 and not one_image(images):
+        if images.ndim == 3 and not one_image(images, channels):
             return list(images)
         return [images]
     if isinstance(images, str | Path):
@@ -101,10 +103,10 @@ def split_images(images) -> list:
     return list(images)
 
 
-def one_image(array) -> bool:
-    """A 3-D array that is one image: torch [C, H, W] or numpy [H, W, C] with C in 1, 3, 4."""
+def one_image(array, channels: int) -> bool:
+    """Whether a 3-D array is one image (see ``split_images``)."""
     if isinstance(array, torch.Tensor):
-        return array.shape[0] in (1, 3, 4)
+        return array.shape[0] == 1 or (channels == 3 and array.shape[0] in (3, 4))
     return array.shape[-1] in (1, 3, 4)
 
 
@@ -171,7 +173,7 @@ def prepare(
     drawings made another way. ``notes`` collects what was converted (colour to grayscale, ...),
     so a caller can say it once.
     """
-    items = split_images(images)
+    items = split_images(images, spec.channels)
     if not items:
         raise DataError("no images given")
     flip = spec.paper_white if invert is None else bool(invert)
