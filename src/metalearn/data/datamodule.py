@@ -31,7 +31,7 @@ from metalearn.data.episodes import (
     sample_indices,
     seeded_rng,
 )
-from metalearn.data.sources import FILES, check_source, load_splits
+from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.splits import Splits, check_disjoint
 from metalearn.data.transforms import Preprocessing
@@ -304,7 +304,7 @@ class EpisodeDataModule(L.LightningDataModule):
         """How this source's images become model inputs (saved in checkpoints)."""
         self.setup()
         mean, std = self.norm if self.norm is not None else (None, None)
-        files = FILES[self.name]
+        files = files_of(self.name, self.source_options)
         return Preprocessing(self.name, self.image_size, self.channels, **files, mean=mean, std=std)
 
     @property

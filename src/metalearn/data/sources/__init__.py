@@ -5,18 +5,37 @@ from __future__ import annotations
 import difflib
 import inspect
 
-from metalearn.data.sources import omniglot, quickdraw
+from metalearn.data.sources import folder, miniimagenet, omniglot, quickdraw
 from metalearn.data.sources.base import ClassImages, add_rotations, take_samples, with_channels
+from metalearn.data.sources.folder import load_folder
+from metalearn.data.sources.miniimagenet import load_miniimagenet
 from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.sources.quickdraw import load_quickdraw
 from metalearn.data.splits import Splits
 from metalearn.errors import ConfigError
 
-SOURCES = {"omniglot": load_omniglot, "quickdraw": load_quickdraw}
-# How each source's files look (polarity, resize recipe): see metalearn.data.transforms.
-FILES = {"omniglot": omniglot.FILES, "quickdraw": quickdraw.FILES}
+SOURCES = {
+    "omniglot": load_omniglot,
+    "quickdraw": load_quickdraw,
+    "folder": load_folder,
+    "miniimagenet": load_miniimagenet,
+}
+# How each source's files look (polarity, resize recipe): see metalearn.data.transforms; a
+# function of the source's options where they decide it.
+FILES = {
+    "omniglot": omniglot.FILES,
+    "quickdraw": quickdraw.FILES,
+    "folder": folder.files_of,
+    "miniimagenet": miniimagenet.FILES,
+}
 
-__all__ = ["FILES", "SOURCES", "ClassImages", "Splits", "load_splits"]
+
+def files_of(name: str, options: dict) -> dict:
+    files = FILES[name]
+    return files(**options) if callable(files) else dict(files)
+
+
+__all__ = ["FILES", "SOURCES", "files_of", "ClassImages", "Splits", "load_splits"]
 
 
 def check_source(name: str, options: dict) -> None:
@@ -36,7 +55,7 @@ def check_source(name: str, options: dict) -> None:
 
 
 # What the data module passes every loader; the rest of a loader's keywords are its own options.
-GENERIC = ("root", "image_size", "split_seed", "download")
+GENERIC = ("root", "image_size", "split_seed", "download", "channels")
 
 
 def load_splits(
