@@ -11,9 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from metalearn.data.datamodule import EpisodeDataModule, fixed_episode_indices
+from metalearn.data.datamodule import (
+    EpisodeDataModule,
+    fixed_episode_indices,
+    resolve_normalize,
+)
 from metalearn.data.episodes import materialise, sample_indices, seeded_rng
 from metalearn.data.sources import load_splits
 from metalearn.data.sources.base import ClassImages
@@ -79,8 +84,13 @@ def test_quickdraw_written_as_png_folders_gives_the_npz_pixels(data_root, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def mini(data_root, tmp_path_factory):
-    os.environ["METALEARN_CACHE_DIR"] = str(tmp_path_factory.mktemp("mini-cache"))
+def mini_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("mini-cache"))
+
+
+@pytest.fixture(scope="module")
+def mini(data_root, mini_cache):
+    os.environ["METALEARN_CACHE_DIR"] = mini_cache
     try:
         return load_miniimagenet(data_root)
     finally:
@@ -195,3 +205,46 @@ def test_bad_folders_get_their_messages(data_root, tmp_path):
         )  # fmt: skip
     with pytest.raises(ConfigError, match="data.fractionz is not an option of data=folder"):
         EpisodeDataModule("folder", root, 2, 1, 1, 1, fractionz=[0.5, 0.25, 0.25])
+
+
+def test_a_users_jpegs_become_exactly_the_training_inputs(mini, mini_cache, data_root, monkeypatch):
+    """mini-ImageNet normalised with its meta-train statistics: the adapt API's preprocessing of
+    the original JPEG files equals the episode tensors the model was trained and tested on."""
+    import csv
+
+    from metalearn.data.transforms import Preprocessing, prepare
+
+    monkeypatch.setenv("METALEARN_CACHE_DIR", mini_cache)  # the fixture's decoded images
+    dm = EpisodeDataModule("miniimagenet", data_root, 5, 1, 2, 2, image_size=84, normalize="auto")
+    dm.setup()
+    assert dm.norm == resolve_normalize("auto", mini.train)
+    spec = Preprocessing.from_dict(dm.preprocessing().to_dict())
+    assert spec.channels == 3 and len(spec.mean) == 3 and 0.3 < spec.mean[0] < 0.6
+    episodes = dm.eval_dataset("test")[0]
+    index = dm.eval_dataset("test").index
+    with open(data_root / "miniimagenet" / "test.csv") as f:
+        rows = list(csv.DictReader(f))
+    files = {}
+    for r in rows:
+        files.setdefault(r["label"], []).append(
+            data_root / "miniimagenet" / "images" / r["filename"]
+        )
+    c, i = index.classes[0][0], index.images[0][0][0]  # episode 0, label 0, first support image
+    path = files[mini.test.names[c]][i]
+    torch.testing.assert_close(
+        prepare([path], spec)[0], episodes.support_x[0, 0], rtol=0, atol=1e-6
+    )
+
+
+def test_augmentation_is_keyed_by_the_batch_and_off_by_default(data_root):
+    plain = EpisodeDataModule("omniglot", data_root, 5, 1, 3, 2, batches_per_epoch=4)
+    augmented = EpisodeDataModule(
+        "omniglot", data_root, 5, 1, 3, 2, batches_per_epoch=4,
+        augment={"crop_padding": 4, "flip": True, "jitter": 0.4},
+    )  # fmt: skip
+    a, b = plain.train_dataset()[5], augmented.train_dataset()[5]
+    assert a.support_y.equal(b.support_y) and not a.support_x.equal(b.support_x)
+    again = augmented.train_dataset()[5]  # the same step: the same augmented images
+    assert again.support_x.equal(b.support_x) and again.query_x.equal(b.query_x)
+    assert not augmented.train_dataset()[6].support_x.equal(b.support_x)
+    assert not plain.augment.active
