@@ -53,7 +53,7 @@ def test_cli(data_root, tmp_path):
             "data=quickdraw",
             "ways=5",
             "shots=1",
-            f"+out={out}",
+            f"out={out}",  # no '+' needed
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         capture_output=True,
@@ -65,3 +65,10 @@ def test_cli(data_root, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == str(out.resolve())
     assert out.stat().st_size > 1024
+
+
+def test_cli_help_is_its_own():
+    run = subprocess.run(
+        [sys.executable, "-m", "metalearn.show_episode", "--help"], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "metalearn.show_episode: draw one" in run.stdout

@@ -1,14 +1,15 @@
 """Draw one episode to a PNG: `python -m metalearn.show_episode data=quickdraw ways=5 shots=1`.
 
 Rows 1..N: the K support images of label 0..N-1 (class name on the left); below them the query
-images titled with their labels. Options: `+out=path.png` (default: episode.png in the Hydra run
-dir) and `+split=val|test|train` (default val: the first fixed val episode, seeded by
+images titled with their labels. Options: `out=path.png` (default: episode.png in the Hydra run
+dir) and `split=val|test|train` (default val: the first fixed val episode, seeded by
 data.eval_seed; train: the first episode of the first training meta-batch).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import hydra
@@ -110,5 +111,26 @@ def main(cfg: DictConfig) -> None:
     print(render_episode(cfg))
 
 
-if __name__ == "__main__":
+USAGE = """\
+metalearn.show_episode: draw one few-shot episode to a PNG.
+
+Usage:  python -m metalearn.show_episode [out=episode.png] [split=val|test|train] [key=value ...]
+
+  out=     the PNG to write (default: episode.png in outputs/<date>/<time>/)
+  split=   val (default: the first fixed validation episode), test, or train (the first
+           episode of the first training meta-batch)
+  any training setting: data=quickdraw, data=folder data.root=<your images>, ways=, shots=, ...
+"""
+
+
+def cli() -> None:
+    """``--help`` of its own; ``out=``/``split=`` without Hydra's ``+``."""
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(USAGE)
+        return
+    sys.argv[1:] = ["+" + a if a.split("=", 1)[0] in ("out", "split") else a for a in sys.argv[1:]]
     main()
+
+
+if __name__ == "__main__":
+    cli()
