@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 import metalearn
 from metalearn.algorithms.gbml import GBML
@@ -152,7 +153,6 @@ def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):
     with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
         small = f["images"][:40]
     spec = Preprocessing("omniglot", 28, 1, paper_white=True, resize="lanczos")
-    from PIL import Image
 
     pils = [Image.fromarray(a).convert("1") for a in originals]  # as the PNGs are stored
     x = prepare(pils, spec)
@@ -168,3 +168,12 @@ def test_colour_images_for_a_grayscale_model_are_converted_and_said_once(data_ro
     x = prepare([rgb, rgb], spec, notes=notes)
     assert x.shape == (2, 1, 28, 28) and x.max() > 0.2 and x[0, 0, 0, 0] == 0
     assert notes == {"colour images converted to grayscale"}
+
+
+def test_grayscale_images_for_a_colour_model_are_converted_and_said_once():
+    spec = Preprocessing("miniimagenet", 84, 3, paper_white=False, resize="lanczos")
+    gray = np.tile(np.linspace(0, 255, 84, dtype=np.uint8), (84, 1))
+    notes: set = set()
+    x = prepare([gray, Image.fromarray(gray)], spec, notes=notes)
+    assert x.shape == (2, 3, 84, 84) and x[:, 0].equal(x[:, 2])
+    assert notes == {"grayscale images converted to RGB"}
