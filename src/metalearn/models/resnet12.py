@@ -26,6 +26,7 @@ from metalearn.errors import ConfigError
 from metalearn.models.norm import StepNorm
 
 SLOPE = 0.1  # LeakyReLU negative slope (MetaOptNet)
+WIDTH_RATIOS = (1, 2.5, 5, 10)  # 64-160-320-640
 
 
 def drop_block(x: torch.Tensor, rate: float, block_size: int) -> torch.Tensor:
@@ -68,7 +69,8 @@ class ResNet12(nn.Module):
 
     Args:
         ways: number of classes per episode (head width).
-        channels: the four blocks' widths (64, 160, 320, 640 in MetaOptNet).
+        channels: the four blocks' widths (64, 160, 320, 640 in MetaOptNet), or one number c
+            for (c, 2.5c, 5c, 10c), so ``model.channels=16`` shrinks it as it does Conv4.
         in_channels: image channels (3 for colour, 1 for grayscale).
         image_size: input height/width; only checked (>= 16: four 2x poolings), since the
             embedding is average-pooled.
@@ -90,6 +92,8 @@ class ResNet12(nn.Module):
         dropblock_size: int = 5,
     ):
         super().__init__()
+        if isinstance(channels, int):  # one width scales MetaOptNet's proportions (64 -> theirs)
+            channels = [round(channels * r) for r in WIDTH_RATIOS]
         channels = [int(c) for c in channels]  # a Hydra ListConfig too
         if len(channels) != 4:
             raise ConfigError(
