@@ -185,6 +185,12 @@ def test_conv4_takes_one_or_three_channels_and_any_size(cin, size):
     assert net.head.in_features == 4 * (size // 16) ** 2
 
 
+@pytest.mark.parametrize("model", [Conv4(5, in_channels=3), ResNet12(5, channels=2)])
+def test_images_with_other_channels_than_the_model_get_a_message(model):
+    with pytest.raises(ConfigError, match=r"built for 3-channel images.*model.in_channels=1"):
+        model(torch.rand(2, 1, 28, 28))
+
+
 # ---- the contract ------------------------------------------------------------------------------
 class UserNet(nn.Module):
     """A user's own backbone that meets the contract (with ``affine=False``)."""

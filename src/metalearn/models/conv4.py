@@ -16,6 +16,7 @@ from torch import nn
 
 from metalearn.errors import ConfigError
 from metalearn.models.norm import BN_MODES, StepNorm
+from metalearn.models.protocol import check_channels
 
 __all__ = ["BN_MODES", "Conv4", "ConvBlock", "StepNorm"]  # StepNorm: re-exported for old imports
 
@@ -52,6 +53,7 @@ class Conv4(nn.Module):
         bn_steps: int = 1,
     ):
         super().__init__()
+        self.in_channels = in_channels
         self.blocks = nn.ModuleList(
             ConvBlock(in_channels if i == 0 else channels, channels, bn_steps, bn_mode)
             for i in range(4)
@@ -65,6 +67,7 @@ class Conv4(nn.Module):
 
     def features(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Flattened output of the four blocks (the embedding ProtoNet and fine-tuning use)."""
+        check_channels(x, self.in_channels)
         for block in self.blocks:
             x = block(x, step)
         return x.flatten(1)

@@ -82,3 +82,13 @@ def check_backbone(model: nn.Module, bn_steps: int = 1) -> None:
             "StepNorm(channels, steps=bn_steps): build its normalisation from bn_steps, or set "
             "algo.bn_per_step=false"
         )
+
+
+def check_channels(x: torch.Tensor, in_channels: int) -> None:
+    """A clear error instead of conv2d's when the images' channels differ from the model's."""
+    if x.dim() < 3 or x.shape[-3] != in_channels:
+        raise ConfigError(
+            f"the model was built for {in_channels}-channel images but got input of shape "
+            f"{tuple(x.shape)}: set model.in_channels={x.shape[-3] if x.dim() >= 3 else '?'} "
+            "(or make the data give that many channels)"
+        )

@@ -24,6 +24,7 @@ from torch import nn
 
 from metalearn.errors import ConfigError
 from metalearn.models.norm import StepNorm
+from metalearn.models.protocol import check_channels
 
 SLOPE = 0.1  # LeakyReLU negative slope (MetaOptNet)
 WIDTH_RATIOS = (1, 2.5, 5, 10)  # 64-160-320-640
@@ -92,6 +93,7 @@ class ResNet12(nn.Module):
         dropblock_size: int = 5,
     ):
         super().__init__()
+        self.in_channels = in_channels
         if isinstance(channels, int):  # one width scales MetaOptNet's proportions (64 -> theirs)
             channels = [round(channels * r) for r in WIDTH_RATIOS]
         channels = [int(c) for c in channels]  # a Hydra ListConfig too
@@ -115,6 +117,7 @@ class ResNet12(nn.Module):
 
     def features(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Average-pooled output of the four blocks: the [B, channels[-1]] embedding."""
+        check_channels(x, self.in_channels)
         for i, block in enumerate(self.blocks):
             x = block(x, step)
             if self.training and self.drop_rate > 0:
