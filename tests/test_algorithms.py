@@ -27,6 +27,7 @@ from metalearn.algorithms.gbml import GBML, msl_weights
 from metalearn.algorithms.protonet import ProtoNet
 from metalearn.algorithms.reptile import Reptile
 from metalearn.data.episodes import Episodes
+from metalearn.data.sources.base import ClassImages
 from metalearn.engines.base import InnerLoop
 from metalearn.engines.func import FuncEngine
 from metalearn.engines.higher import HigherEngine
@@ -635,7 +636,8 @@ class FakeData(L.LightningDataModule):
         super().__init__()
         images = (np.arange(classes)[:, None] * 10 + np.arange(per_class)[None, :]).astype(np.uint8)
         images = np.broadcast_to(images[..., None, None], (classes, per_class, 16, 16)).copy()
-        self.splits = SimpleNamespace(train=SimpleNamespace(images=images, num_classes=classes))
+        names = [f"c{i}" for i in range(classes)]
+        self.splits = SimpleNamespace(train=ClassImages(images, names, names))
 
     def train_dataloader(self):
         return DataLoader([random_episodes(batch=1)] * 2, batch_size=None)
@@ -649,7 +651,7 @@ def finetune(**kw) -> FineTune:
 
 def test_finetune_pretrains_on_global_class_labels():
     module, data = finetune(), FakeData()
-    x, y = module.supervised_batch(data.splits.train.images)
+    x, y = module.supervised_batch(data.splits.train)
     assert x.shape == (16, 1, 16, 16) and y.max() < 7
     torch.testing.assert_close((x[:, 0, 0, 0] * 255).round().long() // 10, y)
     before = params(module.model)

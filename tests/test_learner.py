@@ -86,9 +86,7 @@ def test_loaded_checkpoint_reproduces_the_runs_test_accuracy_and_adapts_to_any_s
         y = [f"class{c:02d}" for c, k in enumerate(shots) for _ in range(k)]
         q = torch.from_numpy(images[: len(shots), 15:18].reshape(-1, 28, 28))
         for head in ("auto", "zeros") if learner.trained_head else ("auto",):
-            prediction = learner.adapt(x, y, invert=False, head_init=head).predict(
-                q, invert=False
-            )
+            prediction = learner.adapt(x, y, invert=False, head_init=head).predict(q, invert=False)
             assert prediction.probs.shape == (len(q), len(shots)), (name, head)
             torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(len(q)))
             assert set(prediction.labels) <= set(y) and prediction.classes == sorted(set(y))

@@ -183,8 +183,6 @@ def test_bad_folders_get_one_message_and_nothing_is_written(tiny_ckpt, tmp_path,
     (empty / "giraffe" / "1.png").write_bytes((flat / "a.png").read_bytes())
     fails(ConfigError, "giraffe names a class the support set does not have", query=empty)
 
-    done = cli(
-        "metalearn.adapt", f"ckpt={tiny_ckpt}", f"support={flat}", f"query={root / 'query'}"
-    )
+    done = cli("metalearn.adapt", f"ckpt={tiny_ckpt}", f"support={flat}", f"query={root / 'query'}")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "no class sub-folders" in done.stderr

@@ -25,7 +25,8 @@ SPLITS = ("val", "test", "train")
 
 
 def episode_figure(support, query_x, query_y, class_names: list[str]):
-    """A matplotlib Figure of one episode: support [N, K, H, W], query [M, H, W] with labels."""
+    """A matplotlib Figure of one episode: support [N, K, H, W(, 3)], query [M, H, W(, 3)] with
+    labels."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -45,14 +46,27 @@ def episode_figure(support, query_x, query_y, class_names: list[str]):
     for label in range(ways):
         axes[label, 0].set_ylabel(f"{label}: {class_names[label]}", rotation=0, ha="right")
         for k in range(shots):
-            axes[label, k].imshow(support[label, k], cmap="gray_r", vmin=0, vmax=1)
+            show(axes[label, k], support[label, k])
     for m, (image, label) in enumerate(zip(query_x, query_y, strict=True)):
         ax = axes[ways + m // columns, m % columns]
-        ax.imshow(image, cmap="gray_r", vmin=0, vmax=1)
+        show(ax, image)
         ax.set_title(f"query: {int(label)}", fontsize=8)
     fig.suptitle(f"{ways}-way {shots}-shot episode (support rows, then queries)")
     fig.tight_layout()
     return fig
+
+
+def displayable(x):
+    """[n, C, H, W] in [0, 1] -> [n, H, W] (grayscale) or [n, H, W, 3] (colour) for imshow."""
+    return x[:, 0].numpy() if x.shape[1] == 1 else x.permute(0, 2, 3, 1).numpy()
+
+
+def show(ax, image) -> None:
+    """Grayscale drawings ink-dark on white paper (they are stored ink-high); colour as is."""
+    if image.ndim == 2:
+        ax.imshow(image, cmap="gray_r", vmin=0, vmax=1)
+    else:
+        ax.imshow(image.clip(0, 1))
 
 
 def render_episode(cfg: DictConfig) -> Path:
@@ -68,11 +82,12 @@ def render_episode(cfg: DictConfig) -> Path:
         indices = datamodule.eval_dataset(split).index
     indices = EpisodeIndices(*(a[:1] for a in indices))
     classes, ways, shots = getattr(datamodule.splits, split), datamodule.ways, datamodule.shots
-    episode = materialise(classes.images, indices, shots)
-    support = episode.support_x[0, :, 0].reshape(ways, shots, *episode.support_x.shape[-2:])
+    episode = materialise(classes, indices, shots)  # raw pixels in [0, 1], not normalised
+    support = displayable(episode.support_x[0])
+    support = support.reshape(ways, shots, *support.shape[1:])
     names = [classes.names[c] for c in indices.classes[0]]
     fig = episode_figure(
-        support.numpy(), episode.query_x[0, :, 0].numpy(), episode.query_y[0].numpy(), names
+        support, displayable(episode.query_x[0]), episode.query_y[0].numpy(), names
     )
     out = Path(cfg.get("out") or Path(_run_dir()) / "episode.png")
     out.parent.mkdir(parents=True, exist_ok=True)

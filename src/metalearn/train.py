@@ -89,6 +89,7 @@ def run(cfg: DictConfig) -> dict:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build(cfg.data)
         datamodule.setup()  # raises ConfigError/DataError before anything is trained
+        resolve_data_shape(cfg, datamodule)
         metrics["queries"] = datamodule.queries  # queries=auto resolved
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
         algo.run_config = run_settings(cfg)
@@ -157,6 +158,14 @@ def run(cfg: DictConfig) -> dict:
         write_metrics(out, metrics)
         finish_loggers(loggers, failed=metrics.get("status") != "ok")
     return metrics
+
+
+def resolve_data_shape(cfg: DictConfig, datamodule) -> None:
+    """``data.image_size`` / ``data.channels`` left null (a folder's own size, colour if any
+    image is) become what the data has, so the model and the saved settings agree with it."""
+    for key in ("image_size", "channels"):
+        if cfg.data.get(key, "missing") is None:
+            cfg.data[key] = getattr(datamodule, key)
 
 
 def interrupted_outcome(done: dict, error: str, stopper: StopOnInterrupt) -> dict:

@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
+from metalearn.data.sources.base import ClassImages
 from metalearn.engines.base import accuracy, check_inner_optimizer
 from metalearn.errors import ConfigError
 
@@ -74,17 +75,23 @@ class FineTune(EpisodicModule):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ---- supervised pre-training -------------------------------------------------------------
-    def supervised_batch(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch_size`` images drawn uniformly from uint8 [C, n, H, W], labels = class ids."""
+    def supervised_batch(self, train: ClassImages, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` meta-train images, each of a uniformly drawn class and a uniformly
+        drawn image of it; labels = class ids. ``norm``: the data's (mean, std) per channel."""
         rng = np.random.default_rng([self.seed, self.global_rank, self.global_step])
-        classes = rng.integers(images.shape[0], size=self.batch_size)
-        picks = rng.integers(images.shape[1], size=self.batch_size)
-        x = torch.from_numpy(images[classes, picks]).float().div_(255.0).unsqueeze(1)
+        classes = rng.integers(train.num_classes, size=self.batch_size)
+        counts = train.counts[classes] if train.ragged else train.images_per_class
+        picks = rng.integers(counts, size=self.batch_size)
+        x = torch.from_numpy(train.pixels[train.offsets[classes] + picks]).float().div_(255.0)
+        if norm is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
+            x = (x - mean) / std
         x = x.to(self.device, self.model.head.weight.dtype)
         return x, torch.from_numpy(classes).to(self.device)
 
     def training_step(self, episodes, batch_idx):
-        x, y = self.supervised_batch(self.trainer.datamodule.splits.train.images)
+        data = self.trainer.datamodule
+        x, y = self.supervised_batch(data.splits.train, getattr(data, "norm", None))
         logits = self.classifier(self.model.features(x))
         loss = F.cross_entropy(logits, y)
         self.outer_step(loss)

@@ -20,8 +20,10 @@ import math
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from metalearn.data.augment import Augment
 from metalearn.data.episodes import (
     EpisodeIndices,
     Episodes,
@@ -29,9 +31,8 @@ from metalearn.data.episodes import (
     sample_indices,
     seeded_rng,
 )
-from metalearn.data.sources import FILES, SOURCES, load_splits
+from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
-from metalearn.data.sources.quickdraw import BITMAP_URL
 from metalearn.data.splits import Splits, check_disjoint
 from metalearn.data.transforms import Preprocessing
 from metalearn.distributed import split_meta_batch
@@ -41,6 +42,7 @@ from metalearn.interrupt import ignore_sigint
 EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
 AUTO_QUERIES = 15  # queries=auto: 15 per class, or what a class has left after the shots
 AUTO_CUDA_WORKERS = 2  # data.num_workers=auto on a CUDA device
+AUGMENT_TAG = 7  # the augmentation's random stream: (seed, rank, epoch, i, AUGMENT_TAG)
 
 
 class StepSampler(Sampler[int]):
@@ -80,9 +82,12 @@ class TrainMetaBatches(Dataset):
         queries,
         seed: int,
         rank: int = 0,
+        norm: tuple | None = None,
+        augment: Augment | None = None,
     ):
-        self.images, self.length, self.meta_batch_size = classes.images, length, meta_batch_size
+        self.classes, self.length, self.meta_batch_size = classes, length, meta_batch_size
         self.ways, self.shots, self.queries, self.seed, self.rank = ways, shots, queries, seed, rank
+        self.norm, self.augment = norm, augment
 
     def __len__(self) -> int:
         return self.length
@@ -90,12 +95,31 @@ class TrainMetaBatches(Dataset):
     def indices(self, index: int) -> EpisodeIndices:
         epoch, i = divmod(int(index), self.length)
         rng = seeded_rng(self.seed, self.rank, epoch, i)
+        c = self.classes
         return sample_indices(
-            rng, self.meta_batch_size, *self.images.shape[:2], self.ways, self.shots, self.queries
+            rng, self.meta_batch_size, c.num_classes, c.counts, self.ways, self.shots, self.queries
         )
 
     def __getitem__(self, index: int) -> Episodes:
-        return materialise(self.images, self.indices(index), self.shots)
+        episodes = materialise(self.classes, self.indices(index), self.shots)
+        if self.augment is not None and self.augment.active:
+            epoch, i = divmod(int(index), self.length)
+            rng = seeded_rng(self.seed, self.rank, epoch, i, AUGMENT_TAG)
+            episodes = episodes._replace(
+                support_x=self.augment(episodes.support_x, rng),
+                query_x=self.augment(episodes.query_x, rng),
+            )
+        return normalised(episodes, self.norm)
+
+
+def normalised(episodes: Episodes, norm: tuple | None) -> Episodes:
+    """Episodes with images normalised per channel by ``norm`` = (mean, std), if given."""
+    if norm is None:
+        return episodes
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in norm)
+    return episodes._replace(
+        support_x=(episodes.support_x - mean) / std, query_x=(episodes.query_x - mean) / std
+    )
 
 
 def fixed_episode_indices(
@@ -104,10 +128,9 @@ def fixed_episode_indices(
     """Indices of episodes 0..episodes-1 of `split`; episode e seeded by (eval_seed, split, e)."""
     class_ids = np.zeros((episodes, ways), np.int64)
     image_ids = np.zeros((episodes, ways, shots + queries), np.int64)
-    num_classes, per_class = classes.images.shape[:2]
     for e in range(episodes):
         rng = seeded_rng(eval_seed, EVAL_SPLIT_TAGS[split], e)
-        drawn = sample_indices(rng, 1, num_classes, per_class, ways, shots, queries)
+        drawn = sample_indices(rng, 1, classes.num_classes, classes.counts, ways, shots, queries)
         class_ids[e], image_ids[e] = drawn.classes[0], drawn.images[0]
     return EpisodeIndices(class_ids, image_ids)
 
@@ -115,9 +138,16 @@ def fixed_episode_indices(
 class FixedEpisodes(Dataset):
     """Precomputed episode indices, served `batch_size` episodes per item, in a fixed order."""
 
-    def __init__(self, classes: ClassImages, indices: EpisodeIndices, shots: int, batch_size: int):
-        self.images, self.index, self.shots = classes.images, indices, shots
-        self.batch_size = batch_size
+    def __init__(
+        self,
+        classes: ClassImages,
+        indices: EpisodeIndices,
+        shots: int,
+        batch_size: int,
+        norm: tuple | None = None,
+    ):
+        self.classes, self.index, self.shots = classes, indices, shots
+        self.batch_size, self.norm = batch_size, norm
 
     def __len__(self) -> int:
         return math.ceil(len(self.index.classes) / self.batch_size)
@@ -126,7 +156,8 @@ class FixedEpisodes(Dataset):
         if not 0 <= item < len(self):
             raise IndexError(item)
         part = slice(item * self.batch_size, (item + 1) * self.batch_size)
-        return materialise(self.images, EpisodeIndices(*(a[part] for a in self.index)), self.shots)
+        indices = EpisodeIndices(*(a[part] for a in self.index))
+        return normalised(materialise(self.classes, indices, self.shots), self.norm)
 
 
 def at_least(minimum: int, **values) -> None:
@@ -153,20 +184,20 @@ class EpisodeDataModule(L.LightningDataModule):
         seed: int = 0,
         eval_seed: int = 0,
         num_workers: int | str = "auto",
-        image_size: int = 28,
+        image_size: int | None = 28,
         rotations: bool = False,
         samples_per_class: int | None = None,
         split_seed: int = 0,
         download: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        quickdraw_format: str = "npz",
-        quickdraw_rows: int = 100,
-        quickdraw_url: str = BITMAP_URL,
+        channels: int | None = None,
+        normalize=None,
+        augment: dict | None = None,
+        **source_options,
     ):
         super().__init__()
-        if name not in SOURCES:
-            raise ConfigError(f"data.name={name!r} is unknown: choose one of {sorted(SOURCES)}")
+        check_source(name, source_options)
         at_least(
             1,
             ways=ways,
@@ -175,9 +206,11 @@ class EpisodeDataModule(L.LightningDataModule):
             meta_batch_size=meta_batch_size,
             batches_per_epoch=batches_per_epoch,
             eval_batch_size=eval_batch_size,
-            image_size=image_size,
+            image_size=image_size or 1,
             world_size=world_size,
         )
+        if channels not in (None, 1, 3):
+            raise ConfigError(f"data.channels={channels}: use 1 (grayscale), 3 (RGB) or null")
         at_least(
             0,
             seed=seed,
@@ -198,18 +231,15 @@ class EpisodeDataModule(L.LightningDataModule):
         self.val_episodes, self.test_episodes = int(val_episodes), int(test_episodes)
         self.eval_batch_size, self.num_workers = int(eval_batch_size), num_workers
         self.seed, self.eval_seed, self.split_seed = int(seed), int(eval_seed), int(split_seed)
-        self.image_size, self.rotations, self.download = int(image_size), rotations, download
+        self.image_size: int | None = None if image_size is None else int(image_size)
+        self.rotations, self.download = rotations, download
         self.samples_per_class = samples_per_class
         self.rank, self.world_size = int(rank), int(world_size)
-        self.source_options = (
-            dict(
-                quickdraw_format=quickdraw_format,
-                quickdraw_rows=quickdraw_rows,
-                quickdraw_url=quickdraw_url,
-            )
-            if name == "quickdraw"
-            else {}
-        )
+        self.channels: int | None = channels  # null: the source's (resolved in setup)
+        self.normalize = normalize
+        self.norm: tuple | None = None  # (mean, std) per channel, resolved in setup
+        self.augment = Augment(**(augment or {}))
+        self.source_options = source_options  # the source's own keys (conf/data/<name>.yaml)
         self._splits: Splits | None = None
 
     # ----- data -----
@@ -225,10 +255,13 @@ class EpisodeDataModule(L.LightningDataModule):
             samples_per_class=self.samples_per_class,
             split_seed=self.split_seed,
             download=self.download,
+            channels=self.channels,
             **self.source_options,
         )
         self._check(splits)
         check_disjoint(splits)
+        self.image_size, self.channels = splits.train.image_size, splits.train.channels
+        self.norm = resolve_normalize(self.normalize, splits.train)
         self._splits = splits
 
     def _check(self, splits: Splits) -> None:
@@ -239,19 +272,27 @@ class EpisodeDataModule(L.LightningDataModule):
                 f" ways={self.ways}: lower ways to at most {classes.num_classes}"
                 + (" (or set data.rotations=true)" if not self.rotations else "")
             )
-        per_class = min(c.images_per_class for _, c in splits.items())
+        split, classes = min(splits.items(), key=lambda item: item[1].images_per_class)
+        per_class = classes.images_per_class
+        smallest = classes.names[int(np.argmin(classes.counts))]
+        has = (
+            f"data={self.name}: class {smallest!r} of the {split} split has {per_class} images"
+            if classes.ragged
+            else f"data={self.name} has {per_class} images per class"
+        )
         if self.queries == "auto":
             if self.shots >= per_class:
                 raise ConfigError(
-                    f"data={self.name} has {per_class} images per class but shots={self.shots}:"
-                    " lower shots, leaving images for the queries"
+                    f"{has} but shots={self.shots}: lower shots, leaving images for the queries"
                 )
             self.queries = min(AUTO_QUERIES, per_class - self.shots)
         if self.shots + self.queries > per_class:
             raise ConfigError(
-                f"data={self.name} has {per_class} images per class but shots+queries ="
+                f"{has} but shots+queries ="
                 f" {self.shots}+{self.queries} = {self.shots + self.queries}: lower queries or"
-                " shots" + (", or raise data.samples_per_class" if self.samples_per_class else "")
+                " shots"
+                + (", or raise data.samples_per_class" if self.samples_per_class else "")
+                + (", or remove the classes smaller than that" if classes.ragged else "")
             )
 
     @property
@@ -261,11 +302,15 @@ class EpisodeDataModule(L.LightningDataModule):
 
     def preprocessing(self) -> Preprocessing:
         """How this source's images become model inputs (saved in checkpoints)."""
-        return Preprocessing(self.name, self.image_size, channels=1, **FILES[self.name])
+        self.setup()
+        mean, std = self.norm if self.norm is not None else (None, None)
+        files = files_of(self.name, self.source_options)
+        return Preprocessing(self.name, self.image_size, self.channels, **files, mean=mean, std=std)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return (1, self.image_size, self.image_size)
+        self.setup()
+        return (self.channels, self.image_size, self.image_size)
 
     @property
     def num_classes(self) -> dict[str, int]:
@@ -291,6 +336,8 @@ class EpisodeDataModule(L.LightningDataModule):
             self.queries,
             self.seed,
             rank,
+            self.norm,
+            self.augment,
         )
 
     def eval_dataset(self, split: str) -> FixedEpisodes:
@@ -312,7 +359,8 @@ class EpisodeDataModule(L.LightningDataModule):
             )
         share = np.array_split(np.arange(episodes), world_size)[rank]
         indices = EpisodeIndices(*(a[share] for a in indices))
-        return FixedEpisodes(getattr(self.splits, split), indices, self.shots, self.eval_batch_size)
+        classes = getattr(self.splits, split)
+        return FixedEpisodes(classes, indices, self.shots, self.eval_batch_size, self.norm)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
@@ -353,3 +401,34 @@ class EpisodeDataModule(L.LightningDataModule):
         """Training on a CUDA device: batches are also pinned, so their copy is asynchronous."""
         trainer = getattr(self, "trainer", None)
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
+def resolve_normalize(normalize, train: ClassImages) -> tuple | None:
+    """(mean, std) per channel: null = none; "auto" = the meta-train images' (so no val/test
+    pixel informs training); or [[mean, ...], [std, ...]] as given."""
+    if normalize in (None, False, "none"):
+        return None
+    if normalize == "auto":  # in chunks: mini-ImageNet's pixels in float64 would be 1 GB
+        total = np.zeros(train.channels)
+        squares = np.zeros(train.channels)
+        for start in range(0, len(train.pixels), 1024):
+            x = train.pixels[start : start + 1024].astype(np.float64) / 255.0
+            total += x.sum(axis=(0, 2, 3))
+            squares += (x**2).sum(axis=(0, 2, 3))
+        n = len(train.pixels) * train.image_size * train.pixels.shape[2]
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 1e-12))
+        return tuple(round(float(m), 6) for m in mean), tuple(round(float(v), 6) for v in std)
+    try:
+        mean, std = ([float(v) for v in part] for part in normalize)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"data.normalize={normalize!r}: use null, auto, or [[mean per channel], [std per "
+            "channel]]"
+        ) from err
+    if len(mean) != train.channels or len(std) != train.channels or min(std) <= 0:
+        raise ConfigError(
+            f"data.normalize: {train.channels} channel(s) need {train.channels} means and "
+            f"{train.channels} positive stds, got {mean} and {std}"
+        )
+    return tuple(mean), tuple(std)

@@ -16,11 +16,11 @@ from torch import Tensor
 
 
 class Episodes(NamedTuple):
-    """A meta-batch of B episodes; float32 images in [0, 1] with ink = 1."""
+    """A meta-batch of B episodes; float32 images in [0, 1] with ink = 1 (or normalised)."""
 
-    support_x: Tensor  # [B, N*K, 1, H, W]
+    support_x: Tensor  # [B, N*K, C, H, W]
     support_y: Tensor  # [B, N*K] int64 in 0..N-1
-    query_x: Tensor  # [B, N*Q, 1, H, W]
+    query_x: Tensor  # [B, N*Q, C, H, W]
     query_y: Tensor  # [B, N*Q]
 
     def to(self, device, non_blocking: bool = False) -> Episodes:
@@ -42,28 +42,46 @@ def sample_indices(
     rng: np.random.Generator,
     num_episodes: int,
     num_classes: int,
-    images_per_class: int,
+    images_per_class,
     ways: int,
     shots: int,
     queries: int,
 ) -> EpisodeIndices:
-    """Draw class ids and image ids for `num_episodes` episodes."""
-    if ways > num_classes or shots + queries > images_per_class:
+    """Draw class ids and image ids for `num_episodes` episodes.
+
+    ``images_per_class``: one number for all classes, or each class's count [num_classes]
+    (ragged classes: each draws among its own images; the draws are the same as with one
+    number when all counts are equal).
+    """
+    counts = np.broadcast_to(np.asarray(images_per_class, dtype=np.int64), (num_classes,))
+    if ways > num_classes or shots + queries > counts.min():
         raise ValueError(
             f"{ways}-way {shots}+{queries} episodes need {ways} classes of {shots + queries}"
-            f" images; have {num_classes} classes of {images_per_class}"
+            f" images; have {num_classes} classes of {counts.min()}"
         )
     classes = np.stack([rng.permutation(num_classes)[:ways] for _ in range(num_episodes)])
-    keys = rng.random((num_episodes, ways, images_per_class))
+    keys = rng.random((num_episodes, ways, int(counts.max())))
+    if counts.min() != counts.max():  # a class's missing images sort last: never drawn
+        keys[np.arange(keys.shape[-1]) >= counts[classes][..., None]] = 2.0
     images = np.argsort(keys, axis=-1)[..., : shots + queries]
     return EpisodeIndices(classes.astype(np.int64), images.astype(np.int64))
 
 
-def materialise(images: np.ndarray, indices: EpisodeIndices, shots: int) -> Episodes:
-    """Gather uint8 ink-high images [C, n, H, W] into float Episodes."""
+def gather(images, indices: EpisodeIndices) -> np.ndarray:
+    """uint8 [B, N, K+Q, ch, H, W] from a ``ClassImages`` or a dense [C, n, H, W] array."""
+    if isinstance(images, np.ndarray):
+        return images[indices.classes[..., None], indices.images][:, :, :, None]
+    flat = images.offsets[indices.classes][..., None] + indices.images
+    return images.pixels[flat]
+
+
+def materialise(images, indices: EpisodeIndices, shots: int, mean=None, std=None) -> Episodes:
+    """Gather uint8 ink-high images (``ClassImages``, or a dense [C, n, H, W] array) into float
+    Episodes in [0, 1], normalised by per-channel ``mean``/``std`` when given."""
     batch, ways, per_class = indices.images.shape
-    picked = images[indices.classes[..., None], indices.images]  # [B, N, K+Q, H, W]
-    x = torch.from_numpy(picked).unsqueeze(3).float().div_(255.0)  # [B, N, K+Q, 1, H, W]
+    x = torch.from_numpy(gather(images, indices)).float().div_(255.0)  # [B, N, K+Q, ch, H, W]
+    if mean is not None and std is not None:
+        x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     queries = per_class - shots
     labels = torch.arange(ways, dtype=torch.int64)
     return Episodes(

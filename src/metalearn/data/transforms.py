@@ -162,6 +162,24 @@ def is_colour(im) -> bool:
     return im.mode not in ("1", "L", "LA", "I", "I;16", "F")
 
 
+def decode(item, channels: int, name: str = "image", notes: set | None = None) -> np.ndarray:
+    """One image (path, PIL image, array or tensor) as uint8 [channels, H, W] at its own size;
+    transparency becomes white paper."""
+    im = to_pil(item, name)
+    if notes is not None and is_colour(im) != (channels == 3):
+        kind = "colour" if is_colour(im) else "grayscale"
+        notes.add(f"{kind} images converted to {'RGB' if channels == 3 else 'grayscale'}")
+    array = np.asarray(to_channels(im, channels), dtype=np.uint8)
+    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+
+def convert(image: np.ndarray, spec: Preprocessing, invert: bool | None = None) -> np.ndarray:
+    """A decoded uint8 [C, H, W] image at the model's size and polarity (uint8 [C, S, S])."""
+    image = RESIZERS[spec.resize](image, spec.image_size)
+    flip = spec.paper_white if invert is None else bool(invert)
+    return 255 - image if flip else image
+
+
 def prepare(
     images, spec: Preprocessing, invert: bool | None = None, notes: set | None = None
 ) -> torch.Tensor:
@@ -176,30 +194,26 @@ def prepare(
     items = split_images(images, spec.channels)
     if not items:
         raise DataError("no images given")
-    flip = spec.paper_white if invert is None else bool(invert)
-    resize = RESIZERS[spec.resize]
-    out = []
-    for i, item in enumerate(items):
-        name = str(item) if isinstance(item, str | Path) else f"image {i}"
-        im = to_pil(item, name)
-        if notes is not None and is_colour(im) != (spec.channels == 3):
-            kind = "colour" if is_colour(im) else "grayscale"
-            notes.add(f"{kind} images converted to {'RGB' if spec.channels == 3 else 'grayscale'}")
-        array = np.asarray(to_channels(im, spec.channels), dtype=np.uint8)
-        array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)  # [C, H, W]
-        array = resize(np.ascontiguousarray(array), spec.image_size)
-        out.append(255 - array if flip else array)
+    out = [
+        convert(decode(item, spec.channels, image_name(item, i), notes), spec, invert)
+        for i, item in enumerate(items)
+    ]
     x = torch.from_numpy(np.stack(out)).float().div_(255.0)
     if spec.mean is not None and spec.std is not None:
         mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
         x = (x - mean) / torch.tensor(spec.std).view(1, -1, 1, 1)
     elif notes is not None and spec.channels == 1 and x.mean() > 0.5:
+        flip = spec.paper_white if invert is None else bool(invert)
         notes.add(
             f"the converted images are mostly ink (mean {float(x.mean()):.2f}; the model was "
             "trained on bright strokes on a dark background): if your drawings are dark on "
             f"light, pass invert={not flip}"
         )
     return x
+
+
+def image_name(item, i: int) -> str:
+    return str(item) if isinstance(item, str | Path) else f"image {i}"
 
 
 def image_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:

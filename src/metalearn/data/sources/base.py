@@ -20,41 +20,99 @@ ROTATION_SUFFIXES = ("/rot90", "/rot180", "/rot270")
 
 @dataclass
 class ClassImages:
-    """Images grouped by class; every dataset is stored ink-high (255 = stroke, 0 = background)."""
+    """Images grouped by class, uint8, with a channel axis (1 = grayscale, 3 = RGB); drawings
+    are stored ink-high (255 = stroke, 0 = background).
 
-    images: np.ndarray  # uint8 [C, n, H, W]
+    ``images`` may be dense, ``[C, n, H, W]`` (grayscale) or ``[C, n, ch, H, W]``, or ragged:
+    a list of one ``[n_c, H, W]`` / ``[n_c, ch, H, W]`` array per class (classes of different
+    sizes). Either way ``pixels`` holds every image ``[N, ch, H, W]`` and class c's are
+    ``pixels[offsets[c]:offsets[c + 1]]`` (``class_images(c)``).
+    """
+
+    images: np.ndarray | list
     names: list[str]  # C unique class names
     groups: list[str]  # C, the unit that splits respect (alphabet, or the class itself)
 
     def __post_init__(self) -> None:
         self.names, self.groups = list(self.names), list(self.groups)
-        if self.images.ndim != 4 or self.images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 [C, n, H, W], got {self.images.dtype}")
-        if not len(self.names) == len(self.groups) == len(self.images):
+        if isinstance(self.images, np.ndarray):
+            if self.images.dtype != np.uint8 or self.images.ndim not in (4, 5):
+                raise ValueError(
+                    f"images must be uint8 [C, n, (ch,) H, W], got {self.images.dtype} "
+                    f"{self.images.shape}"
+                )
+            dense = self.images if self.images.ndim == 5 else self.images[:, :, None]
+            c, n = dense.shape[:2]
+            self.pixels = dense.reshape(c * n, *dense.shape[2:])
+            self.offsets = np.arange(c + 1, dtype=np.int64) * n
+        else:
+            per_class = [a if a.ndim == 4 else a[:, None] for a in self.images]
+            if not per_class or any(a.dtype != np.uint8 for a in per_class):
+                raise ValueError("images must be a non-empty list of uint8 arrays, one per class")
+            if len({a.shape[1:] for a in per_class}) != 1:
+                raise ValueError("every image must have the same [ch, H, W] shape")
+            self.pixels = np.concatenate(per_class)
+            self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in per_class])])
+        if not len(self.names) == len(self.groups) == self.num_classes:
             raise ValueError("images, names and groups must have one entry per class")
         if len(set(self.names)) != len(self.names):
             raise ValueError("class names must be unique")
 
     @property
     def num_classes(self) -> int:
-        return self.images.shape[0]
+        return len(self.offsets) - 1
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Images per class [C]."""
+        return np.diff(self.offsets)
 
     @property
     def images_per_class(self) -> int:
-        return self.images.shape[1]
+        """The smallest class's number of images (all of them, when classes are equal)."""
+        return int(self.counts.min())
+
+    @property
+    def ragged(self) -> bool:
+        return bool(self.counts.min() != self.counts.max())
+
+    @property
+    def channels(self) -> int:
+        return self.pixels.shape[1]
 
     @property
     def image_size(self) -> int:
-        return self.images.shape[-1]
+        return self.pixels.shape[-1]
+
+    def class_images(self, c: int) -> np.ndarray:
+        """Class ``c``'s images [n_c, ch, H, W]."""
+        return self.pixels[self.offsets[c] : self.offsets[c + 1]]
 
     def subset(self, indices) -> ClassImages:
         """The classes at `indices`, in that order."""
         indices = [int(i) for i in indices]
-        return ClassImages(
-            self.images[indices],
-            [self.names[i] for i in indices],
-            [self.groups[i] for i in indices],
-        )
+        names = [self.names[i] for i in indices]
+        groups = [self.groups[i] for i in indices]
+        if isinstance(self.images, np.ndarray):
+            return ClassImages(self.images[indices], names, groups)
+        return ClassImages([self.class_images(i) for i in indices], names, groups)
+
+
+def with_channels(classes: ClassImages, channels: int) -> ClassImages:
+    """The classes' images with 1 or 3 channels: gray repeated to RGB, or RGB to luminance
+    exactly as Pillow's ``convert("L")`` (ITU-R 601-2 in 16-bit fixed point), which converts a
+    user's colour image for a grayscale model (data/transforms.py)."""
+    pixels = classes.pixels
+    if pixels.shape[1] == channels:
+        return classes
+    if channels == 3:
+        converted = np.repeat(pixels, 3, axis=1)
+    else:
+        weights = np.array([19595, 38470, 7471], dtype=np.uint32).reshape(1, 3, 1, 1)
+        converted = (pixels.astype(np.uint32) * weights).sum(1, keepdims=True) + 0x8000
+        converted = (converted >> 16).astype(np.uint8)
+    per_class = np.split(converted, classes.offsets[1:-1])
+    return ClassImages(per_class, classes.names, classes.groups)
 
 
 def stable_seed(*parts) -> int:
@@ -73,22 +131,30 @@ def base_class_name(name: str) -> str:
 
 def take_samples(classes: ClassImages, samples_per_class: int, seed: int) -> ClassImages:
     """A random subset of `samples_per_class` images per class, seeded by (seed, class name)."""
-    n = classes.images_per_class
     picks = [
         np.sort(np.random.default_rng(stable_seed(seed, name)).permutation(n)[:samples_per_class])
-        for name in classes.names
+        for name, n in zip(classes.names, classes.counts, strict=True)
     ]
-    images = np.stack([classes.images[c][p] for c, p in enumerate(picks)])
+    if isinstance(classes.images, np.ndarray):
+        images = np.stack([classes.images[c][p] for c, p in enumerate(picks)])
+    else:
+        images = [classes.class_images(c)[p] for c, p in enumerate(picks)]
     return ClassImages(images, classes.names, classes.groups)
 
 
 def add_rotations(classes: ClassImages) -> ClassImages:
     """Each class plus its 90/180/270-degree rotations as new classes (same group)."""
-    images = [classes.images] + [np.rot90(classes.images, k, axes=(2, 3)) for k in (1, 2, 3)]
     names = list(classes.names)
     for suffix in ROTATION_SUFFIXES:
         names += [name + suffix for name in classes.names]
-    return ClassImages(np.ascontiguousarray(np.concatenate(images)), names, classes.groups * 4)
+    if isinstance(classes.images, np.ndarray):
+        dense = classes.images
+        images = [dense] + [np.rot90(dense, k, axes=(-2, -1)) for k in (1, 2, 3)]
+        return ClassImages(np.ascontiguousarray(np.concatenate(images)), names, classes.groups * 4)
+    per_class = [classes.class_images(c) for c in range(classes.num_classes)]
+    rotated = [np.ascontiguousarray(np.rot90(a, k, axes=(-2, -1))) for k in (1, 2, 3)
+               for a in per_class]  # fmt: skip
+    return ClassImages(per_class + rotated, names, classes.groups * 4)
 
 
 def group_by_label(images: np.ndarray, labels: np.ndarray, num_classes: int, path: Path):
