@@ -259,7 +259,8 @@ def test_algorithms_check_the_model_they_build():
 
 # ---- config ------------------------------------------------------------------------------------
 def test_model_resnet12_composes_and_builds_as_the_algorithms_do(tmp_path):
-    cfg = compose_cfg(tmp_path, ["model=resnet12", "algo=maml_pp", "ways=4"], tiny=False)
+    overrides = ["model=resnet12", "algo=maml_pp", "ways=4", "data=miniimagenet"]
+    cfg = compose_cfg(tmp_path, overrides, tiny=False)
     assert list(cfg.model.channels) == [64, 160, 320, 640]
     assert cfg.model.in_channels == 3 and cfg.model.image_size == 84 and cfg.model.drop_rate == 0
     cfg.model.channels = [2, 2, 2, 4]
@@ -267,5 +268,7 @@ def test_model_resnet12_composes_and_builds_as_the_algorithms_do(tmp_path):
     assert isinstance(net, ResNet12) and net.head.out_features == 4
     assert net.blocks[0].norms[0].scale.shape == (cfg.algo.inner_steps, 2)
     assert net(torch.rand(2, 3, 84, 84)).shape == (2, 4)
-    cfg = compose_cfg(tmp_path, ["model=resnet12"])  # the tiny settings' model.channels=8
-    assert [b.convs[0].out_channels for b in instantiate(cfg.model)().blocks] == [8, 20, 40, 80]
+    cfg = compose_cfg(tmp_path, ["model=resnet12"])  # Omniglot; the tiny model.channels=8
+    net = instantiate(cfg.model)()
+    assert [b.convs[0].out_channels for b in net.blocks] == [8, 20, 40, 80]
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, cfg.ways)  # follows the data's channels
