@@ -272,3 +272,27 @@ def test_model_resnet12_composes_and_builds_as_the_algorithms_do(tmp_path):
     net = instantiate(cfg.model)()
     assert [b.convs[0].out_channels for b in net.blocks] == [8, 20, 40, 80]
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, cfg.ways)  # follows the data's channels
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["algo=protonet"], ["algo=maml", "engine=vmap", "algo.inner_steps=1"]],
+    ids=["protonet", "maml-vmap"],
+)
+def test_resnet12_trains_on_mini_imagenet(overrides, tmp_path, data_root):
+    """A fast_dev_run through run(cfg): real 84x84 colour episodes into a narrow ResNet-12."""
+    from metalearn.train import run
+
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "data=miniimagenet",
+            "model=resnet12",
+            "model.channels=[4,4,4,8]",
+            "+trainer.fast_dev_run=true",
+            f"data.root={data_root}",
+            *overrides,
+        ],
+    )
+    metrics = run(cfg)
+    assert metrics["status"] == "ok" and 0.0 <= metrics["test/acc"] <= 1.0
