@@ -1,5 +1,6 @@
-"""Backbones: ResNet-12 (shapes, engines' meta-gradients, BatchNorm modes, DropBlock, config),
-Conv4's channels and sizes, and the backbone contract (check_backbone) with its messages."""
+"""Backbones: ResNet-12 (shapes, engines' meta-gradients, BatchNorm modes, DropBlock, config,
+training on mini-ImageNet and its checkpoint), Conv4's channels and sizes, and the backbone
+contract (check_backbone) with its messages."""
 
 from __future__ import annotations
 
@@ -279,8 +280,10 @@ def test_model_resnet12_composes_and_builds_as_the_algorithms_do(tmp_path):
     [["algo=protonet"], ["algo=maml", "engine=vmap", "algo.inner_steps=1"]],
     ids=["protonet", "maml-vmap"],
 )
-def test_resnet12_trains_on_mini_imagenet(overrides, tmp_path, data_root):
-    """A fast_dev_run through run(cfg): real 84x84 colour episodes into a narrow ResNet-12."""
+def test_resnet12_trains_on_mini_imagenet_and_its_checkpoint_adapts(overrides, tmp_path, data_root):
+    """Two outer steps through run(cfg) on real 84x84 colour episodes into a narrow ResNet-12;
+    the checkpoint loads as a ResNet-12 and adapts to 3 classes (MAML: a new 3-way head)."""
+    import metalearn
     from metalearn.train import run
 
     cfg = compose_cfg(
@@ -289,10 +292,15 @@ def test_resnet12_trains_on_mini_imagenet(overrides, tmp_path, data_root):
             "data=miniimagenet",
             "model=resnet12",
             "model.channels=[4,4,4,8]",
-            "+trainer.fast_dev_run=true",
             f"data.root={data_root}",
             *overrides,
         ],
     )
     metrics = run(cfg)
     assert metrics["status"] == "ok" and 0.0 <= metrics["test/acc"] <= 1.0
+    learner = metalearn.load(metrics["best_checkpoint"])
+    assert isinstance(learner.model, ResNet12) and learner.model.in_channels == 3
+    g = torch.Generator().manual_seed(0)
+    support = torch.randint(0, 256, (6, 3, 84, 84), dtype=torch.uint8, generator=g)
+    prediction = learner.adapt(support, [0, 0, 1, 1, 2, 2]).predict(support[:4])
+    assert prediction.probs.shape == (4, 3)
