@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from metalearn.errors import NonFiniteLossError
+from metalearn.models.protocol import check_backbone
 
 # Version of what ``on_save_checkpoint`` writes under "metalearn" (metalearn.load checks it).
 CHECKPOINT_FORMAT = 1
@@ -61,6 +62,7 @@ class EpisodicModule(L.LightningModule):
         self.algo_name = name
         self.meta_batch_size = meta_batch_size
         self.model = model if isinstance(model, nn.Module) else model(**self.model_options())
+        check_backbone(self.model, self.model_options().get("bn_steps", 1))
         self.optimizer_factory = optimizer
         self.cosine, self.min_lr = cosine, min_lr
         self.val_best = 0.0

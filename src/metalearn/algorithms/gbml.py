@@ -33,7 +33,7 @@ from metalearn.algorithms.base import EpisodicModule
 from metalearn.data.episodes import Episodes
 from metalearn.engines.base import InnerLoop
 from metalearn.errors import ConfigError
-from metalearn.models.conv4 import StepNorm
+from metalearn.models.norm import StepNorm
 
 INNER_RATES = ("fixed", "metasgd", "lslr", "hypergradient")
 ADAPT = ("all", "head")

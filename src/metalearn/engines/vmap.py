@@ -12,6 +12,7 @@ What vmap cannot do, and what is refused with a ConfigError naming the fix:
 * BatchNorm with its own affine weight/bias (``nn.BatchNorm2d(affine=True)``): its
   meta-gradients come out silently wrong under vmap (functorch issue 534), so such models are
   refused; Conv4's affine-free BatchNorm + explicit scale/shift is exact;
+* dropout / DropBlock (``model.drop_rate > 0``) with ``engine.randomness=error``;
 * inner optimizers other than plain SGD (momentum/adam need the higher engine).
 
 First order: the inner gradients are taken under ``torch.no_grad`` (``torch.func.grad``
@@ -61,10 +62,17 @@ def tune_malloc() -> bool:
         return False
 
 
-def check_vmappable(model: nn.Module) -> None:
+def check_vmappable(model: nn.Module, randomness: str = "error") -> None:
     """Raise ConfigError if vmap would fail or silently give wrong gradients on ``model``."""
     for name, module in model.named_modules():
         where = name or type(model).__name__
+        dropout = isinstance(module, nn.modules.dropout._DropoutNd)
+        rate = module.p if dropout else getattr(module, "drop_rate", 0.0)  # ResNet-12's
+        if randomness == "error" and module.training and rate > 0:
+            raise ConfigError(
+                f"engine=vmap: {where} drops activations at random in training (rate {rate}); "
+                "set engine.randomness=different (a mask per task), or model.drop_rate=0"
+            )
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.affine:
                 raise ConfigError(
@@ -124,7 +132,7 @@ class VmapEngine:
     def check(self, model: nn.Module, loop: InnerLoop) -> None:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model`` (see module doc)."""
         check_sgd(loop, self.name)
-        check_vmappable(model)
+        check_vmappable(model, self.randomness)
 
     def __call__(self, model: nn.Module, loop: InnerLoop, episodes) -> Adapted:
         self.check(model, loop)

@@ -1,9 +1,8 @@
 """Conv4, the standard few-shot backbone, with explicit BatchNorm modes.
 
-Every block is conv3x3 → affine-free BatchNorm → per-channel scale/shift → ReLU → max-pool.
-Keeping the affine part as explicit parameters (rather than BatchNorm's own weight/bias)
-makes the network exact under ``torch.func.vmap`` (affine BatchNorm gives silently wrong
-meta-gradients there, functorch issue 534), so every engine runs the same network.
+Every block is conv3x3 → StepNorm (affine-free BatchNorm + explicit per-channel scale/shift,
+exact under ``torch.func.vmap``; see models/norm.py) → ReLU → max-pool. Any input channels
+and any image size of at least 16 (the head is sized from ``image_size``).
 
 ``forward(x, step=t)`` selects inner-loop step ``t``'s BatchNorm scale/shift and running
 statistics when ``bn_steps > 1`` (MAML++ per-step BatchNorm); steps past the last reuse it.
@@ -16,50 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
+from metalearn.models.norm import BN_MODES, StepNorm
+from metalearn.models.protocol import check_channels
 
-BN_MODES = ("transductive", "inductive")
-
-
-class StepNorm(nn.Module):
-    """Affine-free BatchNorm + explicit per-step, per-channel scale and shift.
-
-    transductive: always normalise with the statistics of the current batch (as in MAML).
-    inductive: track running statistics in training; in eval mode normalise with them,
-    so each test image is classified independently of the others.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        steps: int = 1,
-        mode: str = "transductive",
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-    ):
-        super().__init__()
-        if mode not in BN_MODES:
-            raise ConfigError(f"model.bn_mode={mode!r} is unknown; choose one of {BN_MODES}")
-        self.mode, self.steps, self.momentum, self.eps = mode, steps, momentum, eps
-        self.scale = nn.Parameter(torch.ones(steps, channels))
-        self.shift = nn.Parameter(torch.zeros(steps, channels))
-        if mode == "inductive":
-            self.register_buffer("running_mean", torch.zeros(steps, channels))
-            self.register_buffer("running_var", torch.ones(steps, channels))
-
-    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
-        t = min(step, self.steps - 1)
-        if self.mode == "transductive":
-            x = F.batch_norm(x, None, None, training=True, eps=self.eps)
-        else:
-            x = F.batch_norm(
-                x,
-                self.running_mean[t],
-                self.running_var[t],
-                training=self.training,
-                momentum=self.momentum,
-                eps=self.eps,
-            )
-        return x * self.scale[t].view(1, -1, 1, 1) + self.shift[t].view(1, -1, 1, 1)
+__all__ = ["BN_MODES", "Conv4", "ConvBlock", "StepNorm"]  # StepNorm: re-exported for old imports
 
 
 class ConvBlock(nn.Module):
@@ -94,6 +53,7 @@ class Conv4(nn.Module):
         bn_steps: int = 1,
     ):
         super().__init__()
+        self.in_channels = in_channels
         self.blocks = nn.ModuleList(
             ConvBlock(in_channels if i == 0 else channels, channels, bn_steps, bn_mode)
             for i in range(4)
@@ -107,6 +67,7 @@ class Conv4(nn.Module):
 
     def features(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Flattened output of the four blocks (the embedding ProtoNet and fine-tuning use)."""
+        check_channels(x, self.in_channels)
         for block in self.blocks:
             x = block(x, step)
         return x.flatten(1)
