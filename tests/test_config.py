@@ -26,8 +26,11 @@ CASES = [
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_option_runs_fast_dev_run(group, option, tmp_path, data_root):
+    root = data_root
+    if (group, option) == ("data", "folder"):  # a folder of class folders: some real PNGs
+        root = omniglot_png_folder(data_root, tmp_path / "photos")
     cfg = compose_cfg(
-        tmp_path, [f"{group}={option}", "+trainer.fast_dev_run=true", f"data.root={data_root}"]
+        tmp_path, [f"{group}={option}", "+trainer.fast_dev_run=true", f"data.root={root}"]
     )
     if group == "experiment":  # presets are long: keep their settings, shrink the run
         cfg.data.test_episodes = cfg.data.val_episodes = 10
@@ -35,6 +38,20 @@ def test_option_runs_fast_dev_run(group, option, tmp_path, data_root):
     assert metrics["status"] == "ok"
     assert 0.0 <= metrics["test/acc"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text())["algo"] == cfg.algo.name
+
+
+def omniglot_png_folder(data_root, root, classes=40, per_class=20):
+    """The first Omniglot evaluation characters as PNG files, one folder per class."""
+    import numpy as np
+    from PIL import Image
+
+    with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
+        images = f["images"]
+    for c in range(classes):
+        (root / f"class{c:02d}").mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(images[20 * c + k]).save(root / f"class{c:02d}" / f"{k:02d}.png")
+    return root
 
 
 def test_top_level_shots_reach_data_and_model(tmp_path):
