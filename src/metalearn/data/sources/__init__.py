@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
+import pkgutil
 
-from metalearn.data.sources import folder, miniimagenet, omniglot, quickdraw
 from metalearn.data.sources.base import ClassImages, add_rotations, take_samples, with_channels
-from metalearn.data.sources.folder import load_folder
-from metalearn.data.sources.miniimagenet import load_miniimagenet
-from metalearn.data.sources.omniglot import load_omniglot
-from metalearn.data.sources.quickdraw import load_quickdraw
 from metalearn.data.splits import Splits
 from metalearn.errors import ConfigError
 
-SOURCES = {
-    "omniglot": load_omniglot,
-    "quickdraw": load_quickdraw,
-    "folder": load_folder,
-    "miniimagenet": load_miniimagenet,
-}
-# How each source's files look (polarity, resize recipe): see metalearn.data.transforms; a
-# function of the source's options where they decide it.
-FILES = {
-    "omniglot": omniglot.FILES,
-    "quickdraw": quickdraw.FILES,
-    "folder": folder.files_of,
-    "miniimagenet": miniimagenet.FILES,
-}
+
+def discover() -> tuple[dict, dict]:
+    """Every module ``metalearn.data.sources.<name>`` with a ``load_<name>`` loader is a source
+    (``data.name=<name>``); its ``FILES`` (a dict, or a function of the source's options) says
+    how its files look (polarity, resize recipe: see metalearn.data.transforms). A new dataset
+    is that module plus ``conf/data/<name>.yaml``; nothing to register."""
+    loaders, files = {}, {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        loader = getattr(module, f"load_{info.name}", None)
+        if callable(loader):
+            loaders[info.name] = loader
+            files[info.name] = getattr(module, "FILES", {"paper_white": False, "resize": "lanczos"})
+    return loaders, files
+
+
+SOURCES, FILES = discover()
 
 
 def files_of(name: str, options: dict) -> dict:

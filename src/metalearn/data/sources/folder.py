@@ -36,6 +36,9 @@ def files_of(invert: bool = False, resize: str = "lanczos", **_) -> dict:
     return {"paper_white": bool(invert), "resize": resize}
 
 
+FILES = files_of  # decided by the source's options
+
+
 def class_folders(root: Path) -> dict[str, list[Path]]:
     """class name -> its image files (sorted), for every sub-folder of ``root``."""
     classes = {}
