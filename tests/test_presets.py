@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 from hydra.errors import HydraException
 from hydra.utils import instantiate
@@ -133,5 +136,46 @@ def test_mamlpp_omniglot_uses_maml_pp():
     s = settings(cfg)
     assert s["algo"] == "maml_pp" and s["inner_steps"] == 5 and s["rotations"]
     assert s["max_steps"] == 75000 and s["batches_per_epoch"] == 500
-    assert (cfg.algo.msl_epochs, cfg.algo.da_epochs) == (10, 50)
+    # the paper's 10 and 50 of 150 epochs of 500 steps
+    module = at_step(algo_of(cfg), max_steps=cfg.trainer.max_steps)
+    assert (module.span(cfg.algo.msl_fraction), module.span(cfg.algo.da_fraction)) == (5000, 25000)
     assert cfg.algo.msl and cfg.algo.da and cfg.algo.bn_per_step and cfg.algo.cosine
+
+
+def algo_of(cfg):
+    return instantiate(cfg.algo, model=instantiate(cfg.model), engine=instantiate(cfg.engine))
+
+
+def at_step(module, step=0, max_steps=600):
+    module.trainer = SimpleNamespace(global_step=step, current_epoch=0, max_steps=max_steps)
+    return module
+
+
+def schedule_shares(cfg) -> tuple[float, float]:
+    """(share of steps with the multi-step loss on, share of steps run first order) over
+    the composed run, read from the module's own inner loop at every outer step."""
+    total = cfg.trainer.max_steps
+    module = algo_of(cfg)
+    msl = first = 0
+    for step in range(total):
+        loop = at_step(module, step, total).train_loop()
+        msl += loop.step_weights is not None and not np.array_equal(
+            loop.weights(), np.eye(cfg.algo.inner_steps)[-1]
+        )
+        first += loop.first_order
+    return msl / total, first / total
+
+
+@pytest.mark.parametrize("max_steps", [None, 3000])
+def test_maml_pp_schedules_take_the_papers_shares_of_the_run(max_steps):
+    """MAML++: multi-step loss over 10 and first order over 50 of 150 epochs (6.7 % and 33 %),
+    at the default run length and when trainer.max_steps changes (was: epoch counts sized for
+    a 15-epoch run, 83 % first order at the 600-step default)."""
+    overrides = ["algo=maml_pp", "model.channels=4"]
+    if max_steps:
+        overrides.append(f"trainer.max_steps={max_steps}")
+    cfg = compose(*overrides)
+    msl, first = schedule_shares(cfg)
+    step = 1 / cfg.trainer.max_steps  # rounding to whole steps
+    assert msl == pytest.approx(10 / 150, abs=step)
+    assert first == pytest.approx(50 / 150, abs=step)
