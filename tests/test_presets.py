@@ -179,3 +179,11 @@ def test_maml_pp_schedules_take_the_papers_shares_of_the_run(max_steps):
     step = 1 / cfg.trainer.max_steps  # rounding to whole steps
     assert msl == pytest.approx(10 / 150, abs=step)
     assert first == pytest.approx(50 / 150, abs=step)
+
+
+def test_metasgd_adapts_one_step_at_test_as_its_rates_were_learned():
+    """Li et al. 2017: one inner step, in training and at test (was: 3 steps at test,
+    inherited from algo=maml)."""
+    module = algo_of(compose("algo=metasgd", "model.channels=4"))
+    assert module.inner_rates == "metasgd"
+    assert module.train_loop().steps == module.eval_loop().steps == 1
