@@ -159,6 +159,7 @@ class EpisodeDataModule(L.LightningDataModule):
         download: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        split: str = "alphabets",
         quickdraw_format: str = "npz",
         quickdraw_rows: int = 100,
         quickdraw_url: str = BITMAP_URL,
@@ -207,7 +208,7 @@ class EpisodeDataModule(L.LightningDataModule):
                 quickdraw_url=quickdraw_url,
             )
             if name == "quickdraw"
-            else {}
+            else {"split": split}
         )
         self._splits: Splits | None = None
 
