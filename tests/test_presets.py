@@ -32,9 +32,9 @@ def settings(cfg) -> dict:
         "channels": cfg.model.channels,
         "algo": cfg.algo.name,
         "meta_batch": cfg.algo.meta_batch_size,
-        "inner_lr": cfg.algo.inner_lr,
-        "inner_steps": cfg.algo.inner_steps,
-        "inner_steps_test": cfg.algo.inner_steps_test,
+        "inner_lr": cfg.algo.get("inner_lr"),
+        "inner_steps": cfg.algo.get("inner_steps"),
+        "inner_steps_test": cfg.algo.get("inner_steps_test"),
         "outer_lr": cfg.algo.optimizer.lr,
         "max_steps": cfg.trainer.max_steps,
         "batches_per_epoch": cfg.data.batches_per_epoch,
@@ -187,3 +187,28 @@ def test_metasgd_adapts_one_step_at_test_as_its_rates_were_learned():
     module = algo_of(compose("algo=metasgd", "model.channels=4"))
     assert module.inner_rates == "metasgd"
     assert module.train_loop().steps == module.eval_loop().steps == 1
+
+
+def test_protonet_omniglot_follows_snell_et_al():
+    cfg = compose("experiment=protonet_omniglot")
+    assert settings(cfg) | {"split": cfg.data.split} == {
+        "data": "omniglot",
+        "split": "vinyals",
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "samples": None,
+        "rotations": True,
+        "channels": 64,
+        "algo": "protonet",
+        "meta_batch": 1,
+        "inner_lr": None,
+        "inner_steps": None,
+        "inner_steps_test": None,
+        "outer_lr": 0.001,
+        "max_steps": 20000,
+        "batches_per_epoch": 100,
+    }
+    assert (cfg.data.train_ways, cfg.data.train_queries) == (60, 5)
+    assert cfg.model.bn_mode == "inductive" and cfg.algo.lr_halving_steps == 2000
+    assert cfg.data.test_episodes == 1000

@@ -160,6 +160,8 @@ class EpisodeDataModule(L.LightningDataModule):
         rank: int = 0,
         world_size: int = 1,
         split: str = "alphabets",
+        train_ways: int | None = None,
+        train_queries: int | str | None = None,
         quickdraw_format: str = "npz",
         quickdraw_rows: int = 100,
         quickdraw_url: str = BITMAP_URL,
@@ -167,11 +169,17 @@ class EpisodeDataModule(L.LightningDataModule):
         super().__init__()
         if name not in SOURCES:
             raise ConfigError(f"data.name={name!r} is unknown: choose one of {sorted(SOURCES)}")
+        # training episodes may have their own shape (ProtoNet: Snell et al. train 60-way with
+        # 5 queries, test 5-way with 15); None: the evaluation episodes' ways / queries
+        train_ways = ways if train_ways is None else train_ways
+        train_queries = queries if train_queries is None else train_queries
         at_least(
             1,
             ways=ways,
             shots=shots,
             queries=1 if queries == "auto" else queries,
+            train_ways=train_ways,
+            train_queries=1 if train_queries == "auto" else train_queries,
             meta_batch_size=meta_batch_size,
             batches_per_epoch=batches_per_epoch,
             eval_batch_size=eval_batch_size,
@@ -194,6 +202,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.name, self.root = name, str(root)
         self.ways, self.shots = int(ways), int(shots)
         self.queries: int | str = queries if queries == "auto" else int(queries)  # see setup
+        self.train_ways = int(train_ways)
+        self.train_queries = train_queries if train_queries == "auto" else int(train_queries)
         self.meta_batch_size, self.batches_per_epoch = int(meta_batch_size), int(batches_per_epoch)
         self.val_episodes, self.test_episodes = int(val_episodes), int(test_episodes)
         self.eval_batch_size, self.num_workers = int(eval_batch_size), num_workers
@@ -232,27 +242,38 @@ class EpisodeDataModule(L.LightningDataModule):
         self._splits = splits
 
     def _check(self, splits: Splits) -> None:
-        split, classes = min(splits.items(), key=lambda item: item[1].num_classes)
-        if self.ways > classes.num_classes:
-            raise ConfigError(
-                f"data={self.name} {split} split has {classes.num_classes} classes but"
-                f" ways={self.ways}: lower ways to at most {classes.num_classes}"
-                + (" (or set data.rotations=true)" if not self.rotations else "")
+        for split, classes in splits.items():
+            ways, key = (
+                (self.train_ways, "data.train_ways") if split == "train" else (self.ways, "ways")
             )
+            if ways > classes.num_classes:
+                raise ConfigError(
+                    f"data={self.name} {split} split has {classes.num_classes} classes but"
+                    f" {key}={ways}: lower {key} to at most {classes.num_classes}"
+                    + (" (or set data.rotations=true)" if not self.rotations else "")
+                )
         per_class = min(c.images_per_class for _, c in splits.items())
-        if self.queries == "auto":
+        self.queries = self._resolve_queries(self.queries, "queries", per_class)
+        self.train_queries = self._resolve_queries(
+            self.train_queries, "data.train_queries", per_class
+        )
+
+    def _resolve_queries(self, queries: int | str, key: str, per_class: int) -> int:
+        """``auto``: AUTO_QUERIES or what a class has left after the shots; checked to fit."""
+        if queries == "auto":
             if self.shots >= per_class:
                 raise ConfigError(
                     f"data={self.name} has {per_class} images per class but shots={self.shots}:"
                     " lower shots, leaving images for the queries"
                 )
-            self.queries = min(AUTO_QUERIES, per_class - self.shots)
-        if self.shots + self.queries > per_class:
+            queries = min(AUTO_QUERIES, per_class - self.shots)
+        if self.shots + queries > per_class:
             raise ConfigError(
-                f"data={self.name} has {per_class} images per class but shots+queries ="
-                f" {self.shots}+{self.queries} = {self.shots + self.queries}: lower queries or"
+                f"data={self.name} has {per_class} images per class but shots+{key} ="
+                f" {self.shots}+{queries} = {self.shots + queries}: lower {key} or"
                 " shots" + (", or raise data.samples_per_class" if self.samples_per_class else "")
             )
+        return queries
 
     @property
     def splits(self) -> Splits:
@@ -282,9 +303,9 @@ class EpisodeDataModule(L.LightningDataModule):
             self.splits.train,
             self.batches_per_epoch,
             split_meta_batch(self.meta_batch_size, world_size),
-            self.ways,
+            self.train_ways,
             self.shots,
-            self.queries,
+            self.train_queries,
             self.seed,
             rank,
         )
