@@ -99,12 +99,14 @@ def test_ff15_quickdraw_class_split(data_root):
 
 
 def test_maml_omniglot_follows_finn_et_al():
-    five = settings(compose("experiment=maml_omniglot"))
+    cfg = compose("experiment=maml_omniglot")
+    assert cfg.data.split == "vinyals"
+    five = settings(cfg)
     assert five == {
         "data": "omniglot",
         "ways": 5,
         "shots": 1,
-        "queries": 15,
+        "queries": 1,  # K queries per class, as Finn et al.'s code (was 15)
         "samples": None,
         "rotations": True,
         "channels": 64,
@@ -124,6 +126,7 @@ def test_maml_omniglot_follows_finn_et_al():
         twenty["inner_steps_test"],
         twenty["meta_batch"],
     ) == (0.1, 5, 5, 16)
+    assert settings(compose("experiment=maml_omniglot", "shots=5"))["queries"] == 5
 
 
 def test_mamlpp_omniglot_uses_maml_pp():
@@ -136,6 +139,7 @@ def test_mamlpp_omniglot_uses_maml_pp():
     s = settings(cfg)
     assert s["algo"] == "maml_pp" and s["inner_steps"] == 5 and s["rotations"]
     assert s["max_steps"] == 75000 and s["batches_per_epoch"] == 500
+    assert s["queries"] == 1 and cfg.data.split == "vinyals"  # the released configs' 1 target
     # the paper's 10 and 50 of 150 epochs of 500 steps
     module = at_step(algo_of(cfg), max_steps=cfg.trainer.max_steps)
     assert (module.span(cfg.algo.msl_fraction), module.span(cfg.algo.da_fraction)) == (5000, 25000)
