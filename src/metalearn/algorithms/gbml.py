@@ -214,17 +214,26 @@ class GBML(EpisodicModule):
         ``trainer.max_steps`` rescales the schedules, as it does the cosine schedule)."""
         return round(fraction * run_length(self.trainer))
 
+    def progress(self, step: int, fraction: float) -> float:
+        """How far ``step`` is through the first ``fraction`` of the run: 0 at its start,
+        >= 1 after it. A module without a Trainer (used on its own) is at the start."""
+        if fraction == 0:
+            return 1.0
+        if self._trainer is None:
+            return 0.0
+        span = self.span(fraction)
+        return step / span if span else 1.0
+
     def first_order_now(self, step: int) -> bool:
         """FOMAML always; MAML++ derivative-order annealing: first order for the first
         ``da_fraction`` of the run."""
-        return self.first_order or (self.da and step < self.span(self.da_fraction))
+        return self.first_order or (self.da and self.progress(step, self.da_fraction) < 1)
 
     def step_weights(self, step: int) -> np.ndarray | None:
         """MAML++ multi-step loss over the first ``msl_fraction`` of the run (None: off)."""
         if not self.msl:
             return None
-        span = self.span(self.msl_fraction)
-        return msl_weights(self.inner_steps, step / span if span else 1.0)
+        return msl_weights(self.inner_steps, self.progress(step, self.msl_fraction))
 
     def train_loop(self) -> InnerLoop:
         step = self.global_step

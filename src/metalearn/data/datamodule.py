@@ -171,6 +171,7 @@ class EpisodeDataModule(L.LightningDataModule):
             raise ConfigError(f"data.name={name!r} is unknown: choose one of {sorted(SOURCES)}")
         # training episodes may have their own shape (ProtoNet: Snell et al. train 60-way with
         # 5 queries, test 5-way with 15); None: the evaluation episodes' ways / queries
+        self.train_ways_key = "ways" if train_ways is None else "data.train_ways"
         train_ways = ways if train_ways is None else train_ways
         train_queries = queries if train_queries is None else train_queries
         at_least(
@@ -242,10 +243,14 @@ class EpisodeDataModule(L.LightningDataModule):
         self._splits = splits
 
     def _check(self, splits: Splits) -> None:
-        for split, classes in splits.items():
-            ways, key = (
-                (self.train_ways, "data.train_ways") if split == "train" else (self.ways, "ways")
-            )
+        # ways must fit the smallest split it draws from; data.train_ways, when set, the train
+        # split only (named as the user wrote it, so the message says which key to lower)
+        own = self.train_ways_key == "data.train_ways"
+        checks = [("ways", self.ways, [s for s in splits.items() if not (own and s[0] == "train")])]
+        if own:
+            checks.append(("data.train_ways", self.train_ways, [("train", splits.train)]))
+        for key, ways, candidates in checks:
+            split, classes = min(candidates, key=lambda item: item[1].num_classes)
             if ways > classes.num_classes:
                 raise ConfigError(
                     f"data={self.name} {split} split has {classes.num_classes} classes but"
