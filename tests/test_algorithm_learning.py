@@ -28,12 +28,12 @@ COMMON = [
     "trainer.enable_model_summary=false",
     "print_config=false",
 ]
-MAML_PP = [  # 6 epochs of 25 steps: MSL annealed and DA switching to second order in-run
+MAML_PP = [  # 150 steps: MSL annealed over the first 50, DA second order from step 50
     "algo.meta_batch_size=4",
     "algo.inner_steps=2",
     "algo.inner_steps_test=3",
-    "algo.msl_epochs=2",
-    "algo.da_epochs=2",
+    "algo.msl_fraction=0.3334",
+    "algo.da_fraction=0.3334",
     "data.batches_per_epoch=25",
     "trainer.check_val_every_n_epoch=6",
 ]

@@ -79,8 +79,8 @@ def fit(module, episodes, steps=1, max_steps=None) -> L.Trainer:
     return trainer
 
 
-def at_epoch(module, epoch=0, max_steps=10):
-    module.trainer = SimpleNamespace(current_epoch=epoch, max_steps=max_steps)
+def at_step(module, step=0, max_steps=10):
+    module.trainer = SimpleNamespace(global_step=step, current_epoch=0, max_steps=max_steps)
     return module
 
 
@@ -100,23 +100,37 @@ def params(module) -> dict:
 # ---- MAML++ multi-step loss ------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_msl_weights_sum_to_one_start_uniform_end_on_last_step(steps):
-    msl_epochs = 10
-    for epoch in range(msl_epochs + 5):
-        w = msl_weights(steps, epoch, msl_epochs)
+    progress = np.linspace(0, 1.5, 16)
+    for t in progress:
+        w = msl_weights(steps, t)
         assert w.sum() == pytest.approx(1.0, abs=1e-12) and (w > 0).sum() >= 1
-    np.testing.assert_allclose(msl_weights(steps, 0, msl_epochs), np.full(steps, 1 / steps))
-    for epoch in (msl_epochs, msl_epochs + 1, 100):
-        np.testing.assert_array_equal(msl_weights(steps, epoch, msl_epochs), np.eye(steps)[-1])
-    finals = [msl_weights(steps, e, msl_epochs)[-1] for e in range(msl_epochs + 1)]
+    np.testing.assert_allclose(msl_weights(steps, 0.0), np.full(steps, 1 / steps))
+    for t in (1.0, 1.1, 10.0):
+        np.testing.assert_array_equal(msl_weights(steps, t), np.eye(steps)[-1])
+    finals = [msl_weights(steps, t)[-1] for t in progress]
     assert finals == sorted(finals)  # the last step's weight only grows
 
 
 def test_msl_weights_reach_the_train_loop():
-    module = gbml(msl=True, msl_epochs=4, inner_steps=3)
-    for epoch in range(6):
-        loop = at_epoch(module, epoch).train_loop()
-        np.testing.assert_allclose(loop.weights(), msl_weights(3, epoch, 4))
+    # msl over 0.4 of a 10-step run: steps 0..3 weighted, from step 4 the last step only
+    module = gbml(msl=True, msl_fraction=0.4, inner_steps=3)
+    for step in range(10):
+        loop = at_step(module, step, max_steps=10).train_loop()
+        np.testing.assert_allclose(loop.weights(), msl_weights(3, step / 4))
     assert gbml(inner_steps=3).train_loop().step_weights is None  # msl off: last step only
+
+
+@pytest.mark.parametrize("key", ["msl_fraction", "da_fraction"])
+def test_schedule_fractions_outside_0_1_are_refused(key):
+    with pytest.raises(ConfigError, match=rf"algo.{key}=3 is a fraction of the run.*0..1"):
+        gbml(**{key: 3})
+
+
+def test_schedules_need_a_run_with_an_end():
+    module = gbml(msl=True, da=True)
+    module.trainer = SimpleNamespace(max_steps=-1, estimated_stepping_batches=math.inf)
+    with pytest.raises(ConfigError, match="set trainer.max_steps"):
+        module.configure_optimizers()
 
 
 # ---- learned inner rates: Meta-SGD and LSLR -----------------------------------------------------
@@ -195,7 +209,7 @@ def test_per_step_bn_inner_loop_uses_step_t_at_step_t(engine, monkeypatch):
         return forward(norm, x, step)
 
     monkeypatch.setattr(StepNorm, "forward", recording)  # higher patches a subclass
-    grads = meta_grads(at_epoch(module, 0), random_episodes(batch=1))
+    grads = meta_grads(at_step(module, 0), random_episodes(batch=1))
     assert used == [0, 0, 1, 1, 2, 2]  # (support, query) after each inner step t
     scale_grad = grads["model.blocks.0.norm.scale"]
     assert torch.all(scale_grad.abs().sum(1) > 0)  # every step's scale shapes the objective
@@ -239,13 +253,14 @@ def reference_grads(net, episodes, steps, lr, first_order) -> list[torch.Tensor]
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_derivative_order_annealing(engine):
-    module, eps = gbml(engine, da=True, da_epochs=2, inner_steps=2), random_episodes()
-    assert [module.first_order_now(e) for e in range(4)] == [True, True, False, False]
+    module, eps = gbml(engine, da=True, da_fraction=0.5, inner_steps=2), random_episodes()
+    at_step(module, max_steps=4)  # first order for half of 4 steps
+    assert [module.first_order_now(s) for s in range(4)] == [True, True, False, False]
     first = reference_grads(module.model, eps, 2, 0.3, first_order=True)
     second = reference_grads(module.model, eps, 2, 0.3, first_order=False)
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(first, second, strict=True))
-    for epoch, want in ((0, first), (1, first), (2, second), (5, second)):
-        got = meta_grads(at_epoch(module, epoch), eps)
+    for step, want in ((0, first), (1, first), (2, second), (3, second)):
+        got = meta_grads(at_step(module, step, max_steps=4), eps)
         for g, w in zip(
             [got[f"model.{n}"] for n, _ in module.model.named_parameters()], want, strict=True
         ):
@@ -255,7 +270,7 @@ def test_derivative_order_annealing(engine):
 
 # ---- MAML++ cosine annealing of the outer learning rate------------------------------------------
 def test_cosine_schedule_start_middle_end():
-    module = at_epoch(gbml(lr=1e-2, cosine=True, min_lr=1e-4), max_steps=10)
+    module = at_step(gbml(lr=1e-2, cosine=True, min_lr=1e-4), max_steps=10)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     lrs = []
@@ -268,12 +283,12 @@ def test_cosine_schedule_start_middle_end():
     assert lrs[5] == pytest.approx((1e-2 + 1e-4) / 2)
     assert lrs[10] == pytest.approx(1e-4)
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
-    assert not isinstance(at_epoch(gbml()).configure_optimizers(), dict)  # cosine off
+    assert not isinstance(at_step(gbml()).configure_optimizers(), dict)  # cosine off
 
 
 def test_cosine_schedule_resumed_with_more_steps_ends_at_min_lr():
     def schedule(max_steps):
-        module = at_epoch(gbml(lr=1e-2, cosine=True, min_lr=1e-4), max_steps=max_steps)
+        module = at_step(gbml(lr=1e-2, cosine=True, min_lr=1e-4), max_steps=max_steps)
         conf = module.configure_optimizers()
         return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
 
@@ -539,7 +554,7 @@ def test_reptile_outer_step_is_theta_plus_eps_mean_shift(inner, task_data):
 
 
 def test_reptile_epsilon_anneals_linearly_to_zero():
-    module = at_epoch(reptile(eps0=1.0), max_steps=4)
+    module = at_step(reptile(eps0=1.0), max_steps=4)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     lrs = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 from hydra.errors import HydraException
 from hydra.utils import instantiate
@@ -29,9 +32,9 @@ def settings(cfg) -> dict:
         "channels": cfg.model.channels,
         "algo": cfg.algo.name,
         "meta_batch": cfg.algo.meta_batch_size,
-        "inner_lr": cfg.algo.inner_lr,
-        "inner_steps": cfg.algo.inner_steps,
-        "inner_steps_test": cfg.algo.inner_steps_test,
+        "inner_lr": cfg.algo.get("inner_lr"),
+        "inner_steps": cfg.algo.get("inner_steps"),
+        "inner_steps_test": cfg.algo.get("inner_steps_test"),
         "outer_lr": cfg.algo.optimizer.lr,
         "max_steps": cfg.trainer.max_steps,
         "batches_per_epoch": cfg.data.batches_per_epoch,
@@ -96,12 +99,14 @@ def test_ff15_quickdraw_class_split(data_root):
 
 
 def test_maml_omniglot_follows_finn_et_al():
-    five = settings(compose("experiment=maml_omniglot"))
+    cfg = compose("experiment=maml_omniglot")
+    assert cfg.data.split == "vinyals"
+    five = settings(cfg)
     assert five == {
         "data": "omniglot",
         "ways": 5,
         "shots": 1,
-        "queries": 15,
+        "queries": 1,  # K queries per class, as Finn et al.'s code (was 15)
         "samples": None,
         "rotations": True,
         "channels": 64,
@@ -121,6 +126,7 @@ def test_maml_omniglot_follows_finn_et_al():
         twenty["inner_steps_test"],
         twenty["meta_batch"],
     ) == (0.1, 5, 5, 16)
+    assert settings(compose("experiment=maml_omniglot", "shots=5"))["queries"] == 5
 
 
 def test_mamlpp_omniglot_uses_maml_pp():
@@ -133,5 +139,80 @@ def test_mamlpp_omniglot_uses_maml_pp():
     s = settings(cfg)
     assert s["algo"] == "maml_pp" and s["inner_steps"] == 5 and s["rotations"]
     assert s["max_steps"] == 75000 and s["batches_per_epoch"] == 500
-    assert (cfg.algo.msl_epochs, cfg.algo.da_epochs) == (10, 50)
+    assert s["queries"] == 1 and cfg.data.split == "vinyals"  # the released configs' 1 target
+    # the paper's 10 and 50 of 150 epochs of 500 steps
+    module = at_step(algo_of(cfg), max_steps=cfg.trainer.max_steps)
+    assert (module.span(cfg.algo.msl_fraction), module.span(cfg.algo.da_fraction)) == (5000, 25000)
     assert cfg.algo.msl and cfg.algo.da and cfg.algo.bn_per_step and cfg.algo.cosine
+
+
+def algo_of(cfg):
+    return instantiate(cfg.algo, model=instantiate(cfg.model), engine=instantiate(cfg.engine))
+
+
+def at_step(module, step=0, max_steps=600):
+    module.trainer = SimpleNamespace(global_step=step, current_epoch=0, max_steps=max_steps)
+    return module
+
+
+def schedule_shares(cfg) -> tuple[float, float]:
+    """(share of steps with the multi-step loss on, share of steps run first order) over
+    the composed run, read from the module's own inner loop at every outer step."""
+    total = cfg.trainer.max_steps
+    module = algo_of(cfg)
+    msl = first = 0
+    for step in range(total):
+        loop = at_step(module, step, total).train_loop()
+        msl += loop.step_weights is not None and not np.array_equal(
+            loop.weights(), np.eye(cfg.algo.inner_steps)[-1]
+        )
+        first += loop.first_order
+    return msl / total, first / total
+
+
+@pytest.mark.parametrize("max_steps", [None, 3000])
+def test_maml_pp_schedules_take_the_papers_shares_of_the_run(max_steps):
+    """MAML++: multi-step loss over 10 and first order over 50 of 150 epochs (6.7 % and 33 %),
+    at the default run length and when trainer.max_steps changes (was: epoch counts sized for
+    a 15-epoch run, 83 % first order at the 600-step default)."""
+    overrides = ["algo=maml_pp", "model.channels=4"]
+    if max_steps:
+        overrides.append(f"trainer.max_steps={max_steps}")
+    cfg = compose(*overrides)
+    msl, first = schedule_shares(cfg)
+    step = 1 / cfg.trainer.max_steps  # rounding to whole steps
+    assert msl == pytest.approx(10 / 150, abs=step)
+    assert first == pytest.approx(50 / 150, abs=step)
+
+
+def test_metasgd_adapts_one_step_at_test_as_its_rates_were_learned():
+    """Li et al. 2017: one inner step, in training and at test (was: 3 steps at test,
+    inherited from algo=maml)."""
+    module = algo_of(compose("algo=metasgd", "model.channels=4"))
+    assert module.inner_rates == "metasgd"
+    assert module.train_loop().steps == module.eval_loop().steps == 1
+
+
+def test_protonet_omniglot_follows_snell_et_al():
+    cfg = compose("experiment=protonet_omniglot")
+    assert settings(cfg) | {"split": cfg.data.split} == {
+        "data": "omniglot",
+        "split": "vinyals",
+        "ways": 5,
+        "shots": 1,
+        "queries": 15,
+        "samples": None,
+        "rotations": True,
+        "channels": 64,
+        "algo": "protonet",
+        "meta_batch": 1,
+        "inner_lr": None,
+        "inner_steps": None,
+        "inner_steps_test": None,
+        "outer_lr": 0.001,
+        "max_steps": 20000,
+        "batches_per_epoch": 100,
+    }
+    assert (cfg.data.train_ways, cfg.data.train_queries) == (60, 5)
+    assert cfg.model.bn_mode == "inductive" and cfg.algo.lr_halving_steps == 2000
+    assert cfg.data.test_episodes == 1000

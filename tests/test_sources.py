@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
@@ -232,3 +233,97 @@ def test_numpy_bitmap_files_load(tmp_path):
         load_quickdraw(tmp_path, quickdraw_format="numpy_bitmap", quickdraw_rows=7, download=False)
     with pytest.raises(ConfigError, match="quickdraw_format='png'.*npz"):
         load_quickdraw(tmp_path, quickdraw_format="png")
+
+
+# ---- the Vinyals et al. split ---------------------------------------------------------------
+def vinyals_lists(data_root) -> dict[str, list[str]]:
+    """The class names each split file lists, read here independently of the loader."""
+    lists = {}
+    for split in ("train", "val", "test"):
+        listing = json.loads(
+            (data_root / "omniglot" / "vinyals_split" / f"{split}.json").read_text()
+        )
+        lists[split] = [
+            f"{a}/{c}" for part in listing.values() for a, cs in part.items() for c in cs
+        ]
+    return lists
+
+
+@pytest.fixture(scope="module")
+def vinyals(data_root) -> Splits:
+    return load_splits("omniglot", data_root, split="vinyals")
+
+
+def test_vinyals_split_counts_and_names_match_the_files(data_root, vinyals, omniglot):
+    assert [c.num_classes for _, c in vinyals.items()] == [1028, 172, 423]
+    assert vinyals.class_names() == vinyals_lists(data_root)
+    check_disjoint(vinyals)
+    # the same images as the default split's classes of the same name (test: evaluation part)
+    index = {name: i for i, name in enumerate(omniglot.test.names)}
+    for i, name in enumerate(vinyals.test.names[:50]):
+        assert np.array_equal(vinyals.test.images[i], omniglot.test.images[index[name]])
+    # alphabets: train 25 background + 8 evaluation, val 5, test 13; the split cuts the list
+    # of characters at 1200, inside Gurmukhi (41 characters in train, 4 in test)
+    train, val, test = (set(c.groups) for _, c in vinyals.items())
+    assert (len(train), len(val), len(test)) == (33, 5, 13)
+    assert not train & val and not val & test and train & test == {"Gurmukhi"}
+    assert vinyals.test.groups.count("Gurmukhi") == 4
+
+
+def test_vinyals_split_with_rotations_quadruples_each_split(data_root, vinyals):
+    rotated = load_splits("omniglot", data_root, split="vinyals", rotations=True)
+    assert [c.num_classes for _, c in rotated.items()] == [4112, 688, 1692]
+    check_disjoint(rotated)
+    for split, classes in rotated.items():
+        assert {n.split("/rot")[0] for n in classes.names} == set(getattr(vinyals, split).names)
+
+
+def test_default_split_is_still_the_alphabet_split(data_root, omniglot):
+    named = load_splits("omniglot", data_root, split="alphabets")
+    assert named.class_names() == omniglot.class_names()
+    assert [c.num_classes for _, c in omniglot.items()] == [799, 165, 659]
+    with pytest.raises(ConfigError, match="data.split='random' is unknown.*vinyals"):
+        load_splits("omniglot", data_root, split="random")
+
+
+def vinyals_copy(tmp_path, data_root, damage=None):
+    """data_root's omniglot npz files linked into tmp_path, the split files copied (and one
+    of them damaged by ``damage(path)``)."""
+    folder = tmp_path / "omniglot"
+    (folder / "vinyals_split").mkdir(parents=True)
+    for npz in (data_root / "omniglot").glob("*_28.npz"):
+        (folder / npz.name).symlink_to(npz)
+    for split in ("train", "val", "test"):
+        src = data_root / "omniglot" / "vinyals_split" / f"{split}.json"
+        (folder / "vinyals_split" / src.name).write_text(src.read_text())
+    if damage:
+        damage(folder / "vinyals_split" / "val.json")
+    return tmp_path
+
+
+def drop_one_character(path):
+    listing = json.loads(path.read_text())
+    listing["background"][next(iter(listing["background"]))].pop()
+    path.write_text(json.dumps(listing))
+
+
+def rename_one_character(path):
+    listing = json.loads(path.read_text())
+    listing["background"][next(iter(listing["background"]))][0] = "character99"
+    path.write_text(json.dumps(listing))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.unlink(), r"needs .*val\.json: put the split file from http"),
+        (lambda p: p.write_text('{"background": [1, 2'), r"val\.json is not a split file"),
+        (drop_one_character, r"val\.json lists 171 distinct characters, expected 172"),
+        (rename_one_character, r"val\.json lists 172 .* \(not found: \['\w+/character99'\]\)"),
+    ],
+    ids=["missing", "not-json", "short", "unknown-name"],
+)
+def test_missing_or_corrupt_vinyals_file_names_it(tmp_path, data_root, damage, message):
+    root = vinyals_copy(tmp_path, data_root, damage)
+    with pytest.raises(DataError, match=message):
+        load_splits("omniglot", root, split="vinyals", download=False)

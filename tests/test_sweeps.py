@@ -182,6 +182,23 @@ def test_optuna_search_maximises_val_acc_best(tmp_path, data_root):
     assert set(result.best_params) == {"algo.inner_lr", "algo.optimizer.lr", "algo.inner_steps"}
 
 
+@pytest.mark.parametrize("algo", ["maml", "metasgd", "maml_pp"])
+def test_optuna_trials_evaluate_with_the_inner_steps_they_trained_with(algo):
+    """A trial's sampled algo.inner_steps reaches validation/test too (was: trained with the
+    sampled steps, ranked after the algorithm's inner_steps_test). The search file is merged
+    as Hydra merges it (after the algo group), so this runs without the Optuna plugin."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    search = OmegaConf.load(REPO / "conf" / "hparams_search" / "optuna_lr.yaml")
+    assert "algo.inner_steps" in search.hydra.sweeper.params  # the search does vary it
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", [f"algo={algo}", "output_dir=."])
+    cfg = OmegaConf.merge(cfg, {"algo": search.algo})
+    cfg.algo.inner_steps = 4  # what the sweeper passes a trial: algo.inner_steps=4
+    assert cfg.algo.inner_steps_test == 4
+
+
 # ---- GPU pool bookkeeping (no GPU needed) ----------------------------------------------------
 def test_gpu_claims_are_exclusive_and_prefer_the_job_number(tmp_path, monkeypatch):
     monkeypatch.setenv("METALEARN_GPU_LOCK_DIR", str(tmp_path))

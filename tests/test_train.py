@@ -146,7 +146,7 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
 
     common = [f"algo={algo}", "data.batches_per_epoch=3", "test=false", "trainer.max_steps=6"]
     if algo == "maml_pp":
-        common += ["algo.msl_epochs=2", "algo.da_epochs=1"]
+        common += ["algo.msl_fraction=0.67", "algo.da_fraction=0.5"]  # MSL 4, DA 3 of 6 steps
     if algo == "reptile":
         common += ["algo.inner_steps_test=3", "algo.meta_batch_size=2", "algo.inner_steps=2"]
     run_with(tmp_path / "straight", data_root, *common)

@@ -19,6 +19,7 @@ def validate_config(cfg: DictConfig) -> None:
     mbs = cfg.algo.get("meta_batch_size", 1)
     if not isinstance(mbs, int) or mbs < 1:
         raise ConfigError(f"algo.meta_batch_size={mbs!r} must be a positive integer")
+    check_train_ways(cfg)
     if cfg.trainer.get("inference_mode", True):
         raise ConfigError(
             "trainer.inference_mode must be false: adaptation at validation/test needs "
@@ -47,3 +48,19 @@ def check_preset_rows(cfg: DictConfig) -> None:
                 f"{preset} has settings for {key} in {{{', '.join(rows)}}}, not {value}: set "
                 f"{key}={' or '.join(rows)}"
             )
+
+
+def check_train_ways(cfg: DictConfig) -> None:
+    """Training episodes wider than the test's suit an algorithm without a classification
+    head (ProtoNet); the others' head has ``ways`` outputs, so other labels would crash it."""
+    train_ways = cfg.data.get("train_ways")
+    if train_ways is None or train_ways == cfg.ways:
+        return
+    from hydra.utils import get_object
+
+    if not getattr(get_object(cfg.algo._target_), "any_train_ways", False):
+        raise ConfigError(
+            f"data.train_ways={train_ways} differs from ways={cfg.ways}, but algo={cfg.algo.name}"
+            f" classifies with a {cfg.ways}-way head: set data.train_ways=null (or use"
+            " algo=protonet)"
+        )

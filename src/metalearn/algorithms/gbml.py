@@ -12,7 +12,10 @@ One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``)
   ``adapt_norm: false`` keeps the BatchNorm scale/shift out of the inner loop (learned in the
   outer loop only), as MAML++'s reference configs do.
 * MAML++ (Antoniou et al. 2019): ``msl`` multi-step loss, ``bn_per_step``, ``da``
-  derivative-order annealing, ``cosine`` outer learning-rate annealing.
+  derivative-order annealing, ``cosine`` outer learning-rate annealing. The MSL and DA
+  schedules span ``msl_fraction`` / ``da_fraction`` of the run (``trainer.max_steps``), so
+  they scale with the run instead of silently falling outside a short one (the paper's
+  10 and 50 of 150 epochs are fractions 0.067 and 0.333).
 
 Learned rates under first order (``first_order``, or MAML++'s first-order phase under ``da``):
 the support gradients are constants, and each rate still gets the gradient of the shift it
@@ -22,6 +25,8 @@ the plain SGD inner optimizer (``inner_optimizer=sgd``).
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -38,21 +43,36 @@ from metalearn.models.norm import StepNorm
 INNER_RATES = ("fixed", "metasgd", "lslr", "hypergradient")
 ADAPT = ("all", "head")
 
+log = logging.getLogger(__name__)
 
-def msl_weights(steps: int, epoch: int, msl_epochs: int) -> np.ndarray:
-    """MAML++ multi-step-loss importance, as in the reference code.
 
-    Uniform at epoch 0; non-final weights decay linearly (floor 0.03/steps) while the final
-    one grows; from ``msl_epochs`` on, the final step only. Always sums to 1.
+def msl_weights(steps: int, progress: float) -> np.ndarray:
+    """MAML++ multi-step-loss importance at ``progress`` = step / (the MSL span in steps).
+
+    The reference code's rule with its epoch / msl_epochs replaced by ``progress``: uniform at
+    0; non-final weights decay linearly (floor 0.03/steps) while the final one grows; from
+    progress 1 on, the final step only. Always sums to 1.
     """
-    if epoch >= msl_epochs or steps == 1:
+    if progress >= 1 or steps == 1:
         return np.eye(steps)[-1]
     w = np.full(steps, 1.0 / steps)
-    decay = 1.0 / steps / msl_epochs
     floor = 0.03 / steps
-    w[:-1] = np.maximum(w[:-1] - epoch * decay, floor)
-    w[-1] = min(w[-1] + epoch * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+    w[:-1] = np.maximum(w[:-1] - progress / steps, floor)
+    w[-1] = min(w[-1] + progress * (steps - 1) / steps, 1.0 - (steps - 1) * floor)
     return w
+
+
+def run_length(trainer) -> int:
+    """Outer steps of the run: ``trainer.max_steps``, else Lightning's estimate."""
+    if trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ConfigError(
+            "algo.msl / algo.da schedules are fractions of the run, which has no end: set "
+            "trainer.max_steps (or trainer.max_epochs)"
+        )
+    return int(total)
 
 
 def norm_parameters(model: nn.Module) -> set[str]:
@@ -95,10 +115,10 @@ class GBML(EpisodicModule):
         adapt_norm: bool = True,
         inner_optimizer: str = "sgd",
         msl: bool = False,
-        msl_epochs: int = 10,
+        msl_fraction: float = 10 / 150,
         bn_per_step: bool = False,
         da: bool = False,
-        da_epochs: int = 50,
+        da_fraction: float = 50 / 150,
         cosine: bool = False,
         min_lr: float = 0.0,
         alpha_lr: float = 1e-4,
@@ -120,6 +140,12 @@ class GBML(EpisodicModule):
                 f"meta-gradients (algo.first_order / algo.da) with algo.inner_optimizer=sgd only, "
                 f"not {inner_optimizer}: set algo.inner_optimizer=sgd or algo.inner_rates=fixed"
             )
+        for key, value in (("msl_fraction", msl_fraction), ("da_fraction", da_fraction)):
+            if not 0 <= value <= 1:
+                raise ConfigError(
+                    f"algo.{key}={value} is a fraction of the run (trainer.max_steps): use "
+                    f"0..1 (the paper: msl_fraction={10 / 150:.4f}, da_fraction={50 / 150:.4f})"
+                )
         if inner_rates == "hypergradient" and cosine:
             raise ConfigError(
                 "algo.inner_rates=hypergradient sets the outer rate beta itself; "
@@ -131,7 +157,7 @@ class GBML(EpisodicModule):
         self.inner_lr, self.inner_steps_test = inner_lr, inner_steps_test
         self.first_order, self.inner_rates, self.adapt_scope = first_order, inner_rates, adapt
         self.inner_optimizer = inner_optimizer
-        self.msl, self.msl_epochs, self.da, self.da_epochs = msl, msl_epochs, da, da_epochs
+        self.msl, self.msl_fraction, self.da, self.da_fraction = msl, msl_fraction, da, da_fraction
         self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
         norm = norm_parameters(self.model) if not adapt_norm else set()
         self.adapted = [
@@ -187,19 +213,40 @@ class GBML(EpisodicModule):
         return self.parameters()
 
     # ---- the inner loop ------------------------------------------------------------------
-    def first_order_now(self, epoch: int) -> bool:
-        """FOMAML always; MAML++ derivative-order annealing: first order before da_epochs."""
-        return self.first_order or (self.da and epoch < self.da_epochs)
+    def span(self, fraction: float) -> int:
+        """``fraction`` of the run in outer steps (resolved now: a resume with another
+        ``trainer.max_steps`` rescales the schedules, as it does the cosine schedule)."""
+        return round(fraction * run_length(self.trainer))
+
+    def progress(self, step: int, fraction: float) -> float:
+        """How far ``step`` is through the first ``fraction`` of the run: 0 at its start,
+        >= 1 after it. A module without a Trainer (used on its own) is at the start."""
+        if fraction == 0:
+            return 1.0
+        if self._trainer is None:
+            return 0.0
+        span = self.span(fraction)
+        return step / span if span else 1.0
+
+    def first_order_now(self, step: int) -> bool:
+        """FOMAML always; MAML++ derivative-order annealing: first order for the first
+        ``da_fraction`` of the run."""
+        return self.first_order or (self.da and self.progress(step, self.da_fraction) < 1)
+
+    def step_weights(self, step: int) -> np.ndarray | None:
+        """MAML++ multi-step loss over the first ``msl_fraction`` of the run (None: off)."""
+        if not self.msl:
+            return None
+        return msl_weights(self.inner_steps, self.progress(step, self.msl_fraction))
 
     def train_loop(self) -> InnerLoop:
-        epoch = self.current_epoch
-        weights = msl_weights(self.inner_steps, epoch, self.msl_epochs) if self.msl else None
+        step = self.global_step
         return InnerLoop(
             self.inner_steps,
             self.inner_rate,
             self.adapted,
-            self.first_order_now(epoch),
-            weights,
+            self.first_order_now(step),
+            self.step_weights(step),
             self.inner_optimizer,
         )
 
@@ -251,6 +298,14 @@ class GBML(EpisodicModule):
 
     # ---- Alpha-MAML: hypergradient descent on alpha and beta -----------------------------
     def configure_optimizers(self):
+        if self.msl or self.da:  # resolved before training: a run without an end fails here
+            log.info(
+                "MAML++ schedules over %d steps: multi-step loss for the first %s, first order"
+                " for the first %s",
+                run_length(self.trainer),
+                self.span(self.msl_fraction) if self.msl else "(off)",
+                self.span(self.da_fraction) if self.da else "(off)",
+            )
         opt = super().configure_optimizers()
         if self.inner_rates == "hypergradient" and not plain_sgd(opt):
             raise ConfigError(

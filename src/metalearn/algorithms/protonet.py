@@ -4,15 +4,23 @@ No inner loop: embed support and query images with the backbone's ``features`` (
 of both together, as in the reference code), average each class's support embeddings into a
 prototype, and score each query by the negative squared Euclidean distance to every
 prototype. Trained end to end on the query cross-entropy (Adam in the paper).
+
+Snell et al.'s protocol, set by ``experiment=protonet_omniglot``: training episodes wider than
+the test's (``data.train_ways``: 60 on Omniglot; any width works, as there is no head), the
+learning rate halved every 2000 episodes (``lr_halving_steps``), and BatchNorm with running
+statistics at test (``model.bn_mode=inductive``: the reference code calls ``model.eval()``).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.engines.base import accuracy
+from metalearn.errors import ConfigError
 
 
 def prototypes(support: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -27,6 +35,11 @@ def prototype_logits(support, labels, query, ways: int) -> torch.Tensor:
     return -diff.pow(2).sum(-1)
 
 
+def halving_factor(step: int, total: int, base: float, every: int) -> float:
+    """Snell et al.'s schedule: the learning rate halves every ``every`` outer steps."""
+    return 0.5 ** (step // every)
+
+
 class ProtoNet(EpisodicModule):
     """Args are the ``algo`` config keys (see conf/algo/protonet.yaml); ``engine`` is unused.
 
@@ -34,11 +47,31 @@ class ProtoNet(EpisodicModule):
     trainable parameters).
     """
 
+    any_train_ways = True  # no head: training episodes may be wider than the test's
+
     def __init__(
-        self, model, optimizer, engine=None, name: str = "protonet", meta_batch_size: int = 1
+        self,
+        model,
+        optimizer,
+        engine=None,
+        name: str = "protonet",
+        meta_batch_size: int = 1,
+        lr_halving_steps: int | None = None,
     ):
+        if lr_halving_steps is not None and lr_halving_steps < 1:
+            raise ConfigError(
+                f"algo.lr_halving_steps={lr_halving_steps}: use a positive number of outer steps"
+                " (Snell et al.: 2000 episodes), or null for a constant learning rate"
+            )
         super().__init__(model, optimizer, name, meta_batch_size)
+        self.lr_halving_steps = lr_halving_steps
         self.model.head.requires_grad_(False)
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        if self.lr_halving_steps is None:
+            return opt
+        return self.annealed(opt, partial(halving_factor, every=self.lr_halving_steps))
 
     def outer_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

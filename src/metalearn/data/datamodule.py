@@ -194,15 +194,24 @@ class EpisodeDataModule(L.LightningDataModule):
         channels: int | None = None,
         normalize=None,
         augment: dict | None = None,
+        train_ways: int | None = None,
+        train_queries: int | str | None = None,
         **source_options,
     ):
         super().__init__()
         check_source(name, source_options)
+        # training episodes may have their own shape (ProtoNet: Snell et al. train 60-way with
+        # 5 queries, test 5-way with 15); None: the evaluation episodes' ways / queries
+        self.train_ways_key = "ways" if train_ways is None else "data.train_ways"
+        train_ways = ways if train_ways is None else train_ways
+        train_queries = queries if train_queries is None else train_queries
         at_least(
             1,
             ways=ways,
             shots=shots,
             queries=1 if queries == "auto" else queries,
+            train_ways=train_ways,
+            train_queries=1 if train_queries == "auto" else train_queries,
             meta_batch_size=meta_batch_size,
             batches_per_epoch=batches_per_epoch,
             eval_batch_size=eval_batch_size,
@@ -227,6 +236,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.name, self.root = name, str(root)
         self.ways, self.shots = int(ways), int(shots)
         self.queries: int | str = queries if queries == "auto" else int(queries)  # see setup
+        self.train_ways = int(train_ways)
+        self.train_queries = train_queries if train_queries == "auto" else int(train_queries)
         self.meta_batch_size, self.batches_per_epoch = int(meta_batch_size), int(batches_per_epoch)
         self.val_episodes, self.test_episodes = int(val_episodes), int(test_episodes)
         self.eval_batch_size, self.num_workers = int(eval_batch_size), num_workers
@@ -265,13 +276,26 @@ class EpisodeDataModule(L.LightningDataModule):
         self._splits = splits
 
     def _check(self, splits: Splits) -> None:
-        split, classes = min(splits.items(), key=lambda item: item[1].num_classes)
-        if self.ways > classes.num_classes:
-            raise ConfigError(
-                f"data={self.name} {split} split has {classes.num_classes} classes but"
-                f" ways={self.ways}: lower ways to at most {classes.num_classes}"
-                + (" (or set data.rotations=true)" if not self.rotations else "")
-            )
+        # ways must fit the smallest split it draws from; data.train_ways, when set, the train
+        # split only (named as the user wrote it, so the message says which key to lower)
+        own = self.train_ways_key == "data.train_ways"
+        checks = [("ways", self.ways, [s for s in splits.items() if not (own and s[0] == "train")])]
+        if own:
+            checks.append(("data.train_ways", self.train_ways, [("train", splits.train)]))
+        for key, ways, candidates in checks:
+            split, classes = min(candidates, key=lambda item: item[1].num_classes)
+            if ways > classes.num_classes:
+                raise ConfigError(
+                    f"data={self.name} {split} split has {classes.num_classes} classes but"
+                    f" {key}={ways}: lower {key} to at most {classes.num_classes}"
+                    + (" (or set data.rotations=true)" if not self.rotations else "")
+                )
+        self.queries = self._resolve_queries(self.queries, "queries", splits)
+        self.train_queries = self._resolve_queries(self.train_queries, "data.train_queries", splits)
+
+    def _resolve_queries(self, queries: int | str, key: str, splits: Splits) -> int:
+        """``auto``: AUTO_QUERIES or what the smallest class has left after the shots; checked
+        to fit every class (the too-small class is named when classes differ in size)."""
         split, classes = min(splits.items(), key=lambda item: item[1].images_per_class)
         per_class = classes.images_per_class
         smallest = classes.names[int(np.argmin(classes.counts))]
@@ -280,20 +304,20 @@ class EpisodeDataModule(L.LightningDataModule):
             if classes.ragged
             else f"data={self.name} has {per_class} images per class"
         )
-        if self.queries == "auto":
+        if queries == "auto":
             if self.shots >= per_class:
                 raise ConfigError(
                     f"{has} but shots={self.shots}: lower shots, leaving images for the queries"
                 )
-            self.queries = min(AUTO_QUERIES, per_class - self.shots)
-        if self.shots + self.queries > per_class:
+            queries = min(AUTO_QUERIES, per_class - self.shots)
+        if self.shots + queries > per_class:
             raise ConfigError(
-                f"{has} but shots+queries ="
-                f" {self.shots}+{self.queries} = {self.shots + self.queries}: lower queries or"
-                " shots"
+                f"{has} but shots+{key} ="
+                f" {self.shots}+{queries} = {self.shots + queries}: lower {key} or shots"
                 + (", or raise data.samples_per_class" if self.samples_per_class else "")
                 + (", or remove the classes smaller than that" if classes.ragged else "")
             )
+        return queries
 
     @property
     def splits(self) -> Splits:
@@ -331,9 +355,9 @@ class EpisodeDataModule(L.LightningDataModule):
             self.splits.train,
             self.batches_per_epoch,
             split_meta_batch(self.meta_batch_size, world_size),
-            self.ways,
+            self.train_ways,
             self.shots,
-            self.queries,
+            self.train_queries,
             self.seed,
             rank,
             self.norm,

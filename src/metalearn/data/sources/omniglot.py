@@ -13,7 +13,13 @@ Whatever the format, each part must hold its official number of characters (`PAR
 and resizing follows the `_28.npz` files' recipe (Pillow LANCZOS on the original polarity), so
 every format gives the same pixels.
 
-Split rule (fixed, by whole alphabets):
+Split rules (``split``):
+
+``vinyals``: the 1028/172/423-character split of Vinyals et al. (2016) that the papers' tables
+use, from the split files in `<root>/omniglot/vinyals_split/` (see
+`metalearn.data.sources.vinyals`).
+
+``alphabets`` (the default, fixed by ``split_seed``):
 - meta-test = all of `images_evaluation` (659 classes, 20 alphabets);
 - meta-val = the background alphabets ranked by sha256(f"{split_seed}/{alphabet}"), taken in that
   order until they hold at least VAL_MIN_CLASSES = 150 characters;
@@ -33,6 +39,7 @@ import numpy as np
 
 from metalearn.data.download import download as fetch
 from metalearn.data.sources.base import ClassImages, group_by_label, load_npz
+from metalearn.data.sources.vinyals import vinyals_splits
 from metalearn.data.splits import Splits, seeded_order, select_groups
 from metalearn.data.transforms import resize_lanczos
 from metalearn.errors import ConfigError, DataError
@@ -58,6 +65,7 @@ ZIP_MD5 = {
 NPZ_KEYS = ("images", "labels", "class_names", "alphabets")
 # The files' images: black strokes on white paper, inverted on loading, resized by `resize`.
 FILES = {"paper_white": True, "resize": "lanczos"}
+SPLITS = ("alphabets", "vinyals")
 
 
 def load_omniglot(
@@ -68,13 +76,18 @@ def load_omniglot(
     download: bool = True,
     base_url: str = BASE_URL,
     zip_sha256: dict[str, str | None] | None = None,
+    split: str = "alphabets",
 ) -> Splits:
-    """Omniglot as meta-train/val/test `Splits` (see the module docstring for the rule)."""
+    """Omniglot as meta-train/val/test `Splits` (see the module docstring for the rules)."""
+    if split not in SPLITS:
+        raise ConfigError(f"data.split={split!r} is unknown for Omniglot: choose one of {SPLITS}")
     folder = Path(root) / "omniglot"
     hashes = ZIP_SHA256 if zip_sha256 is None else zip_sha256
     background, evaluation = (
         load_part(folder, part, image_size, download, base_url, hashes) for part in PARTS
     )
+    if split == "vinyals":
+        return vinyals_splits(dict(zip(PARTS, (background, evaluation), strict=True)), folder)
     val_groups = val_alphabets(background, split_seed)
     train_groups = set(background.groups) - val_groups
     return Splits(
