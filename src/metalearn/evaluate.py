@@ -103,7 +103,8 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
             f"the checkpoint's model takes {trained_size}x{trained_size} images, the episodes "
             f"are {datamodule.image_size}x{datamodule.image_size}: drop data.image_size"
         )
-    if "engine" in overridden(list(overrides)) and learner.uses_engine:
+    own_engine = "engine" in overridden(list(overrides))
+    if own_engine and learner.uses_engine:
         learner.engine = build(cfg.engine)
         learner.engine.check(learner.model, learner.eval_loop())
     learner.head_init = head_init
@@ -138,9 +139,10 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         "overrides": list(overrides),
         "wall_s": round(time.time() - start, 2),
     }
-    metrics["engine"] = cfg.engine._target_.rsplit(".", 1)[-1].removesuffix("Engine").lower()
-    if not learner.uses_engine:
-        metrics["engine"] = None
+    engine = cfg.engine._target_ if own_engine else settings.get("engine._target_", "")
+    metrics["engine"] = (
+        engine.rsplit(".", 1)[-1].removesuffix("Engine").lower() if learner.uses_engine else None
+    )
     write_metrics(out, metrics)
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     return {**metrics, "output_dir": str(out)}
