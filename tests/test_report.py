@@ -143,6 +143,16 @@ def test_differing_overrides_split_rows(tmp_path):
     )
 
 
+def test_terminal_table_keeps_the_bracketed_variant(tmp_path, capsys, monkeypatch):
+    """Rich reads '[...]' as markup: row labels are escaped, so ablation rows stay distinct."""
+    for name, lr in (("0", "0.1"), ("1", "0.4")):
+        write_run(tmp_path, name, ["algo=maml", f"algo.inner_lr={lr}"], **{"test/acc": 0.7})
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main([str(tmp_path), "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert "maml [algo.inner_lr=0.1]" in printed and "maml [algo.inner_lr=0.4]" in printed
+
+
 def test_cli_prints_table_and_failures(tree, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps long cells at the default 80
     assert main([str(tree), "--out", str(tree / "out"), "--no-plot"]) == 0

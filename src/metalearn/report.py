@@ -471,6 +471,7 @@ def report(
 
 def print_report(rows, cols, cells, failures, metric, root, files) -> None:
     from rich.console import Console
+    from rich.markup import escape  # labels hold [variant]s, which Rich would read as markup
     from rich.table import Table
 
     console = Console()
@@ -482,7 +483,8 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
         t.add_column(col_label(c), justify="right")
     for row in rows:
         t.add_row(
-            row_label(row), *[cells[(row, c)].text() if (row, c) in cells else "" for c in cols]
+            escape(row_label(row)),
+            *[cells[(row, c)].text() if (row, c) in cells else "" for c in cols],
         )
     console.print(t)
     if failures:
@@ -490,7 +492,9 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
         for name in ("job", "setting", "error"):
             f.add_column(name, overflow="fold")
         for r in failures:
-            f.add_row(_rel(r.dir, root), _setting(r), str(r.get("error", "?")))
+            f.add_row(
+                *(escape(str(v)) for v in (_rel(r.dir, root), _setting(r), r.get("error", "?")))
+            )
         console.print(f)
     else:
         console.print("no failed jobs")
