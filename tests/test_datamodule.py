@@ -175,7 +175,9 @@ def test_too_many_shots_and_queries(data_root):
 
 
 def test_unknown_name_and_bad_values():
-    with pytest.raises(ConfigError, match=r"'cifar'.*\['omniglot', 'quickdraw'\]"):
+    with pytest.raises(
+        ConfigError, match=r"'cifar'.*\['folder', 'miniimagenet', 'omniglot', 'quickdraw'\]"
+    ):
         EpisodeDataModule("cifar", "x", 5, 1, 1, meta_batch_size=1)
     with pytest.raises(ConfigError, match="data.shots=0"):
         EpisodeDataModule("omniglot", "x", 5, 0, 1, meta_batch_size=1)

@@ -122,7 +122,9 @@ def test_quickdraw_samples_per_class_is_seeded(data_root):
 
 
 def test_unknown_dataset_lists_choices(data_root):
-    with pytest.raises(ConfigError, match=r"choose one of \['omniglot', 'quickdraw'\]"):
+    with pytest.raises(
+        ConfigError, match=r"choose one of \['folder', 'miniimagenet', 'omniglot', 'quickdraw'\]"
+    ):
         load_splits("mnist", data_root)
 
 
