@@ -29,7 +29,7 @@ def parse(argv: list[str], options: dict[str, str | None], usage: str) -> tuple[
             values[key] = value
         else:
             rest.append(f"{key}={value}")
-    missing = [k for k, v in values.items() if v is None]
+    missing = [k for k, v in values.items() if v is None or (options[k] is None and v == "")]
     if missing:
         raise ConfigError(f"missing {', '.join(f'{k}=...' for k in missing)} (see --help)")
     return values, rest
