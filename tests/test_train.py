@@ -477,3 +477,21 @@ def test_train_metrics_are_computed_and_logged_on_logging_steps_only(
     logged = [(int(r["step"]), float(r["train/acc_pre"])) for r in rows if r["train/acc_pre"]]
     assert [s for s, _ in logged] == [2, 5]
     assert all(0.0 <= a <= 1.0 for _, a in logged)
+
+
+@pytest.mark.parametrize("engine", ["higher", "vmap"])
+def test_same_seed_gives_bit_identical_runs_on_cpu_for_any_worker_count(
+    tmp_path, data_root, engine
+):
+    """The determinism statement (docs/RESULTS.md): on CPU, a run is a function of its config:
+    the same weights and metrics, bit for bit, run again or with DataLoader workers."""
+    outcomes = []
+    for name, workers in (("a", 0), ("b", 0), ("c", 2)):
+        cfg = compose_cfg(tmp_path / name, [f"engine={engine}", f"data.num_workers={workers}"])
+        metrics = run(cfg)
+        weights = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        outcomes.append((metrics, weights["state_dict"]))
+    (m0, w0), *others = outcomes
+    for m, w in others:
+        assert m["test/acc"] == m0["test/acc"] and m["curve"] == m0["curve"]
+        assert all(torch.equal(w[k], w0[k]) for k in w0)
