@@ -186,3 +186,16 @@ def test_bad_folders_get_one_message_and_nothing_is_written(tiny_ckpt, tmp_path,
     done = cli("metalearn.adapt", f"ckpt={tiny_ckpt}", f"support={flat}", f"query={root / 'query'}")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "no class sub-folders" in done.stderr
+
+
+def test_python_api_composes_and_trains_and_lists_commands(tmp_path, data_root):
+    import metalearn
+    from tests.helpers import TINY
+
+    cfg = metalearn.compose(["algo=protonet", *TINY, f"output_dir={tmp_path}"])
+    assert cfg.algo.name == "protonet" and cfg.output_dir == str(tmp_path)
+    metrics = metalearn.train(cfg)
+    assert metrics["status"] == "ok" and (tmp_path / "metrics.json").exists()
+    assert metalearn.load(metrics["best_checkpoint"]).algo_name == "protonet"
+    done = cli("metalearn")
+    assert done.returncode == 0 and "metalearn.adapt" in done.stdout

@@ -2,7 +2,35 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load"]
+__all__ = ["compose", "load", "train"]
+
+
+def compose(overrides=(), config_name: str = "train"):
+    """The training config as ``python train.py <overrides>`` composes it (a DictConfig):
+    ``metalearn.compose(["algo=protonet", "shots=5"])``. Without ``output_dir=...`` the run
+    goes to ``outputs/<date>/<time>``, as from the command line."""
+    import time
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from metalearn.paths import CONF_DIR
+
+    overrides = list(overrides)
+    if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
+        overrides.append(f"output_dir=outputs/{time.strftime('%Y-%m-%d/%H-%M-%S')}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides)
+
+
+def __getattr__(name: str):
+    # metalearn.train is both the module that runs training and, called, the run itself:
+    # metalearn.train(cfg) trains and tests cfg (see metalearn.train.CallableModule)
+    if name == "train":
+        import importlib
+
+        return importlib.import_module("metalearn.train")
+    raise AttributeError(f"module 'metalearn' has no attribute {name!r}")
 
 
 def load(path, map_location="cpu"):

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import types
 from pathlib import Path
 
 import lightning as L
@@ -431,3 +432,15 @@ def exit_without_finalizers(status: int) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(status)
+
+
+class CallableModule(types.ModuleType):
+    """``metalearn.train(cfg)``: this module, called, is ``run(cfg)`` (trains and tests ``cfg``
+    from ``metalearn.compose`` and returns the metrics written to ``metrics.json``). A package
+    attribute ``train`` would be replaced by this submodule as soon as it is imported."""
+
+    def __call__(self, cfg: DictConfig) -> dict:
+        return run(cfg)
+
+
+sys.modules[__name__].__class__ = CallableModule
