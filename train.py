@@ -20,4 +20,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from metalearn.cli import check_plugins
+
+    check_plugins(sys.argv[1:])  # a missing optional plugin: one message naming the install
     main()

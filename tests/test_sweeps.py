@@ -245,3 +245,29 @@ def test_launcher_configs_compose():
     assert "SlurmLauncher" in slurm._target_
     assert (slurm.partition, slurm.gpus_per_node, slurm.tasks_per_node) == ("gpu", 1, 1)
     assert slurm.timeout_min == 240 and slurm.submitit_folder.endswith(".submitit/%j")
+
+
+@pytest.mark.parametrize(
+    ("option", "module", "extra"),
+    [
+        ("hparams_search=optuna_lr", "hydra_plugins.hydra_optuna_sweeper", "optuna"),
+        ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ],
+)
+def test_a_missing_plugin_names_its_install_command(option, module, extra, tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    try:
+        installed = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        pytest.skip(f"{module} is installed here")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", option],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and f'pip install -e ".[{extra}]"' in done.stderr
+    assert "Traceback" not in done.stderr

@@ -72,3 +72,34 @@ def main_of(run: Callable[[list[str]], int | None]) -> Callable[[], None]:
         raise SystemExit(status or 0)
 
     return main
+
+
+# Config options that need an optional extra (a Hydra plugin): option -> (module, extra)
+PLUGINS = {
+    "hparams_search=optuna_lr": ("hydra_plugins.hydra_optuna_sweeper", "optuna"),
+    "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
+}
+
+
+def check_plugins(argv: list[str]) -> None:
+    """Exit with one message naming the install command when an option needs a Hydra plugin
+    that is not installed (Hydra's own error is a page about config schemas)."""
+    import importlib.util
+
+    for arg in argv:
+        for option, (module, extra) in PLUGINS.items():
+            key, _, value = option.partition("=")
+            given = arg.lstrip("+").split("=", 1)
+            if len(given) != 2 or given[0] != key or value not in given[1].split(","):
+                continue
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                print(
+                    f"\nError (ConfigError): {option} needs an optional plugin: "
+                    f'pip install -e ".[{extra}]" (or pip install "metalearn[{extra}]")',
+                    file=sys.stderr,
+                )
+                raise SystemExit(1)
