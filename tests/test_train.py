@@ -495,3 +495,15 @@ def test_same_seed_gives_bit_identical_runs_on_cpu_for_any_worker_count(
     for m, w in others:
         assert m["test/acc"] == m0["test/acc"] and m["curve"] == m0["curve"]
         assert all(torch.equal(w[k], w0[k]) for k in w0)
+
+
+def test_a_run_logged_to_a_file_prints_plain_progress_lines(tmp_path, data_root, capfd):
+    """stdout is no terminal (a SLURM job, nohup): the Rich bar would print nothing for the
+    whole run, so plain lines say where training is."""
+    cfg = compose_cfg(
+        tmp_path,
+        ["trainer.enable_progress_bar=true", "trainer.max_steps=4", "trainer.log_every_n_steps=1"],
+    )
+    run(cfg)
+    out = capfd.readouterr().out
+    assert "step 4/4  loss " in out and "steps/s" in out and "val/acc" in out

@@ -1,10 +1,12 @@
-"""The training progress bar: Lightning's Rich bar, with a meaningful epoch count."""
+"""Training progress: Lightning's Rich bar with a meaningful epoch count on a terminal, plain
+lines in a log file."""
 
 from __future__ import annotations
 
 import math
+import time
 
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
 
 class MetaProgressBar(RichProgressBar):
@@ -25,3 +27,56 @@ class MetaProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         return items
+
+
+class LineProgress(ProgressBar):
+    """Plain progress lines for logs (a SLURM job, ``nohup``, CI), where the Rich bar prints
+    nothing: every ``every`` outer steps and at the last one, ``step k/N`` with the logged
+    train metrics, steps/s and the time left; one line per validation."""
+
+    def __init__(self, every: int = 50):
+        super().__init__()
+        self.every, self._enabled = max(1, int(every)), True
+        self._start: float | None = None
+        self._first = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start, self._first = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if not self._enabled or not (step % self.every == 0 or step == total):
+            return
+        done = step - self._first
+        rate = done / max(time.monotonic() - (self._start or time.monotonic()), 1e-9)
+        left = f", {format_seconds((total - step) / rate)} left" if total > 0 and rate > 0 else ""
+        metrics = "  ".join(
+            f"{k.removeprefix('train/')} {float(v):.4g}"
+            for k, v in self.get_metrics(trainer, pl_module).items()
+            if k.startswith("train/") and k.count("/") == 1
+        )
+        of = f"/{total}" if total > 0 else ""
+        print(f"step {step}{of}  {metrics}  ({rate:.2f} steps/s{left})", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        if "val/acc" in m:
+            print(
+                f"step {trainer.global_step}  val/acc {float(m['val/acc']):.4f} "
+                f"± {float(m.get('val/acc_ci95', 0)):.4f}  best {float(m['val/acc_best']):.4f}",
+                flush=True,
+            )
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

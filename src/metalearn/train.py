@@ -285,9 +285,15 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 def progress_bar(cfg: DictConfig) -> list:
-    from metalearn.progress import MetaProgressBar
+    """The Rich bar on a terminal; plain lines every ``trainer.log_every_n_steps * 5`` steps
+    when stdout is not one (a SLURM job, nohup, CI), where the bar would print nothing."""
+    from metalearn.progress import LineProgress, MetaProgressBar
 
-    return [MetaProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    if not cfg.trainer.get("enable_progress_bar", True):
+        return []
+    if sys.stdout.isatty():
+        return [MetaProgressBar()]
+    return [LineProgress(every=5 * int(cfg.trainer.get("log_every_n_steps", 10)))]
 
 
 def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
