@@ -507,3 +507,16 @@ def test_a_run_logged_to_a_file_prints_plain_progress_lines(tmp_path, data_root,
     run(cfg)
     out = capfd.readouterr().out
     assert "step 4/4  loss " in out and "steps/s" in out and "val/acc" in out
+
+
+def test_ckpt_path_last_and_auto_resume_in_the_run_directory(tmp_path, data_root):
+    """ckpt_path=auto: the first run starts fresh, the same command again (a preempted job
+    requeued) continues from its last.ckpt; ckpt_path=last without one is a clear error."""
+    with pytest.raises(ConfigError, match="has no checkpoints/last.ckpt yet"):
+        run(compose_cfg(tmp_path / "none", ["ckpt_path=last"]))
+    first = run(compose_cfg(tmp_path / "run", ["ckpt_path=auto"]))
+    assert first["steps"] == 2
+    longer = run(compose_cfg(tmp_path / "run", ["ckpt_path=auto", "trainer.max_steps=4"]))
+    assert longer["steps"] == 4 and longer["curve"][0] == first["curve"][0]  # continued
+    again = run(compose_cfg(tmp_path / "run", ["ckpt_path=last", "trainer.max_steps=5"]))
+    assert again["steps"] == 5

@@ -98,8 +98,9 @@ def run(cfg: DictConfig) -> dict:
         if not algo.uses_engine:
             log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
             metrics["engine"] = None
-        if cfg.get("ckpt_path"):
-            check_resume(cfg.ckpt_path, algo.run_config)
+        ckpt_path = resume_path(cfg.get("ckpt_path"), out)
+        if ckpt_path:
+            check_resume(ckpt_path, algo.run_config)
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
         stopper = StopOnInterrupt(last_path=out / "checkpoints" / "last.ckpt")
         loggers = build_loggers(cfg)
@@ -111,7 +112,7 @@ def run(cfg: DictConfig) -> dict:
             default_root_dir=str(out),
         )
         try:
-            trainer.fit(algo, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            trainer.fit(algo, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:
             if not stopper.terminated:  # DDP: Lightning's handling, nothing written here
                 raise
@@ -211,6 +212,25 @@ def run_settings(cfg: DictConfig) -> dict:
 
     walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
     return {k: v for k, v in flat.items() if not k.startswith("hydra.")}
+
+
+def resume_path(ckpt_path: str | None, out: Path) -> str | None:
+    """``ckpt_path`` as a file: ``last`` is this run directory's ``checkpoints/last.ckpt`` (an
+    error when there is none); ``auto`` is the same when it exists, else a fresh start, so a
+    preempted job rerun with the same command and output directory continues where it was."""
+    if ckpt_path not in ("last", "auto"):
+        return ckpt_path
+    last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("ckpt_path=%s: resuming from %s", ckpt_path, last)
+        return str(last)
+    if ckpt_path == "auto":
+        return None
+    raise ConfigError(
+        f"ckpt_path=last: {out} has no checkpoints/last.ckpt yet: run in the directory of the "
+        "run to resume (output_dir=<run dir> or hydra.run.dir=<run dir>), or use ckpt_path=auto "
+        "to start fresh when there is none"
+    )
 
 
 def check_resume(ckpt_path: str, settings: dict) -> None:
