@@ -381,6 +381,42 @@ def test_anil_leaves_the_body_unchanged_in_the_inner_loop(engine):
     assert got["model.blocks.0.conv.weight"].abs().sum() > 0  # the outer loop learns the body
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("engine", ["higher", "func", "vmap"])
+def test_anil_computes_the_body_features_once_with_the_same_meta_gradients(engine, first_order):
+    """ANIL's inner loop runs on the body's features computed once per task: the objective,
+    meta-gradients and evaluation logits equal the full per-step loop's."""
+    from metalearn.engines.vmap import VmapEngine
+
+    engines = {**ENGINES, "vmap": VmapEngine()}
+    module = gbml("higher", adapt="head", inner_steps=3, first_order=first_order)
+    module.engine = engines[engine]
+    eps = random_episodes()
+    loop = module.train_loop()
+    cached = module.features_once(module.model, loop)
+    assert cached == (not (first_order and engine == "higher"))  # higher's FO surrogate: full
+    module.zero_grad()
+    fast = module.run_engine(module.model, loop, eps)
+    fast.objective.backward()
+    got = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad()
+    full = module.engine(module.model, loop, eps)
+    full.objective.backward()
+    want = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(fast.objective, full.objective, rtol=1e-10, atol=1e-12)
+    assert got.keys() == want.keys() and "model.blocks.0.conv.weight" in got
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-12)
+    evaluation = module.eval_loop()
+    assert module.features_once(module.model, evaluation)
+    torch.testing.assert_close(
+        module.run_engine(module.model, evaluation, eps).logits,
+        module.engine(module.model, evaluation, eps).logits,
+        rtol=1e-9,
+        atol=1e-12,
+    )
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_adapt_norm_false_keeps_batchnorm_out_of_the_inner_loop(engine):
     # MAML++'s reference configs: BN scale/shift are learned by the outer loop only.

@@ -87,6 +87,18 @@ def norm_parameters(model: nn.Module) -> set[str]:
     }
 
 
+class HeadOnly(nn.Module):
+    """The head of a model as a model of its own (parameter names kept: ``head.weight``...),
+    for an inner loop on precomputed features."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        return self.head(x)
+
+
 def plain_sgd(opt: torch.optim.Optimizer) -> bool:
     return type(opt) is torch.optim.SGD and all(
         not g["momentum"] and not g["weight_decay"] for g in opt.param_groups
@@ -262,7 +274,7 @@ class GBML(EpisodicModule):
 
     def training_step(self, episodes, batch_idx):
         acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
-        out = self.engine(self.model, self.train_loop(), episodes)
+        out = self.run_engine(self.model, self.train_loop(), episodes)
         self.outer_step(out.objective)
         self.log_train(loss=out.loss.mean(), acc=out.acc.mean(), acc_pre=acc_pre)
         if self.inner_rates == "hypergradient":
@@ -272,15 +284,41 @@ class GBML(EpisodicModule):
         ways = int(episodes.support_y[0].max()) + 1
         init = heads.resolved(self.head_init, self.model, ways)
         if init == "trained":
-            return self.engine(self.model, self.eval_loop(), episodes).logits
+            return self.run_engine(self.model, self.eval_loop(), episodes).logits
         logits = []
         for episode in zip(*episodes, strict=True):
             sx, sy = episode[:2]
             model = heads.with_head(self.model, sx, sy, ways, init)
             loop = replace(self.eval_loop(), lr=self.rate_for(model))
             single = Episodes(*(t.unsqueeze(0) for t in episode))
-            logits.append(self.engine(model, loop, single).logits[0])
+            logits.append(self.run_engine(model, loop, single).logits[0])
         return torch.stack(logits)
+
+    # ---- ANIL: the body's features once per task ----------------------------------------
+    def run_engine(self, model: nn.Module, loop: InnerLoop, episodes):
+        """The engine's inner loop on ``episodes``; when only the head adapts (ANIL), on the
+        body's features, computed once per task instead of at every inner step (the same
+        meta-gradients: tests/test_algorithms.py), which saves ANIL most of its time and of its
+        memory for the backward."""
+        if not self.features_once(model, loop):
+            return self.engine(model, loop, episodes)
+        sx, sy, qx, qy = episodes
+        fs = torch.stack([model.features(x) for x in sx])
+        fq = torch.stack([model.features(x) for x in qx])
+        return self.engine(HeadOnly(model.head), loop, Episodes(fs, sy, fq, qy))
+
+    def features_once(self, model: nn.Module, loop: InnerLoop) -> bool:
+        """Whether the body's features can be computed once per task: the head alone adapts,
+        the body normalises the same way at every step (no per-step BatchNorm, no running
+        statistics updated per forward), and the engine's meta-gradient needs nothing from the
+        body's own passes (higher's first-order surrogate does: it keeps the full loop)."""
+        if self.adapt_scope != "head" or self.bn_per_step:
+            return False
+        if loop.meta and loop.first_order and getattr(self.engine, "name", "") == "higher":
+            return False
+        return not any(
+            getattr(m, "mode", None) == "inductive" and m.training for m in model.modules()
+        )
 
     def rate_for(self, model: nn.Module):
         """``inner_rate`` for ``model``, whose head may have another number of classes: a
