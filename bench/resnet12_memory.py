@@ -64,8 +64,16 @@ def one_point(algo: str, ways: int, shots: int, queries: int, tasks: int, steps:
             c = prototypes(emb[: len(sx)], sy, ways)
             loss = loss + F.cross_entropy(-torch.cdist(emb[len(sx) :], c).pow(2), qy)
         (loss / tasks).backward()
+    elif algo == "anil":  # as GBML.run_engine: the body's features once per task
+        from metalearn.algorithms.gbml import HeadOnly
+
+        loop = InnerLoop(steps, lambda n, t: 0.01, ["head.weight", "head.bias"])
+        fs = torch.stack([net.features(x) for x in eps.support_x])
+        fq = torch.stack([net.features(x) for x in eps.query_x])
+        feats = Episodes(fs, eps.support_y, fq, eps.query_y)
+        FuncEngine()(HeadOnly(net.head), loop, feats).objective.backward()
     else:
-        names = [n for n, _ in net.named_parameters() if algo != "anil" or n.startswith("head.")]
+        names = [n for n, _ in net.named_parameters()]
         loop = InnerLoop(steps, lambda n, t: 0.01, names, first_order=algo == "fomaml")
         FuncEngine()(net, loop, eps).objective.backward()
     opt.step()
