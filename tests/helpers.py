@@ -66,6 +66,19 @@ def patched_train(path: Path, patch: str) -> Path:
     return path
 
 
+# every algorithm (conf/algo/*.yaml), in the README's order
+ALGOS = [
+    "maml",
+    "fomaml",
+    "reptile",
+    "metasgd",
+    "alpha_maml",
+    "maml_pp",
+    "anil",
+    "protonet",
+    "finetune",
+]
+
 TINY = [
     "model.channels=8",
     "algo.meta_batch_size=2",

@@ -34,20 +34,10 @@ from metalearn.engines.higher import HigherEngine
 from metalearn.errors import ConfigError
 from metalearn.models.conv4 import StepNorm
 from metalearn.train import run
-from tests.helpers import REPO, random_episodes, reference_objective, tiny_net
+from tests.helpers import ALGOS, REPO, random_episodes, reference_objective, tiny_net
 
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine()}
-VARIANTS = [
-    "maml",
-    "fomaml",
-    "reptile",
-    "metasgd",
-    "alpha_maml",
-    "maml_pp",
-    "anil",
-    "protonet",
-    "finetune",
-]
+VARIANTS = ALGOS
 
 
 def gbml(engine="higher", lr=0.01, optimizer=torch.optim.Adam, **kw) -> GBML:

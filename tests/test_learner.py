@@ -18,20 +18,7 @@ from metalearn.data.transforms import Preprocessing, prepare
 from metalearn.errors import ConfigError
 from metalearn.learner import CheckpointError, load
 from metalearn.train import run
-from tests.helpers import compose_cfg
-
-ALGOS = [
-    "maml",
-    "fomaml",
-    "reptile",
-    "metasgd",
-    "alpha_maml",
-    "maml_pp",
-    "anil",
-    "protonet",
-    "finetune",
-]
-
+from tests.helpers import ALGOS, compose_cfg
 
 # fine-tuning's 100 Adam steps per episode at test (its default) only slow this test down
 FAST = {"finetune": ["algo.inner_steps_test=10"]}

@@ -13,12 +13,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from metalearn.data.sources.base import save_npy_atomic
 from metalearn.data.transforms import Preprocessing, convert, decode
 from metalearn.errors import DataError
 
@@ -130,16 +130,8 @@ def decode_classes(
 
 
 def save_atomic(array: np.ndarray, dest: Path) -> None:
+    """Write the cache atomically; a cache that cannot be written is only a warning."""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        save_npy_atomic(array, dest)
     except OSError as err:
         log.warning("could not write the image cache %s (%s): decoding each run", dest, err)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
