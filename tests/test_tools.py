@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from metalearn.adapt import adapt_folders
@@ -199,3 +200,31 @@ def test_python_api_composes_and_trains_and_lists_commands(tmp_path, data_root):
     assert metalearn.load(metrics["best_checkpoint"]).algo_name == "protonet"
     done = cli("metalearn")
     assert done.returncode == 0 and "metalearn.adapt" in done.stdout
+
+
+def test_evaluate_uses_the_models_normalisation_on_colour_data(tmp_path, data_root):
+    """mini-ImageNet is normalised with its meta-train statistics, saved in the checkpoint:
+    evaluating the checkpoint gives the run's own test accuracy, bit for bit."""
+    metrics = run(compose_cfg(tmp_path / "run", ["algo=protonet", "data=miniimagenet"]))
+    learner = load(metrics["best_checkpoint"])
+    assert learner.preprocessing["channels"] == 3 and len(learner.preprocessing["mean"]) == 3
+    again = evaluate(
+        metrics["best_checkpoint"], ["trainer.enable_progress_bar=false"], tmp_path / "eval"
+    )
+    assert again["test/acc"] == metrics["test/acc"]
+    # another dataset is normalised with the model's statistics, not its own
+    photos = tmp_path / "photos"
+    for c in sorted({p.name[:9] for p in (data_root / "miniimagenet" / "images").glob("*.jpg")})[
+        -30:
+    ]:
+        (photos / c).mkdir(parents=True)
+        for f in sorted((data_root / "miniimagenet" / "images").glob(f"{c}*.jpg"))[:6]:
+            (photos / c / f.name).write_bytes(f.read_bytes())
+    evaluate(
+        metrics["best_checkpoint"],
+        ["data=folder", f"data.root={photos}", "queries=5", "trainer.enable_progress_bar=false"],
+        tmp_path / "folder",
+    )
+    saved = OmegaConf.load(tmp_path / "folder" / "config.yaml")
+    want = [learner.preprocessing["mean"], learner.preprocessing["std"]]
+    assert [list(v) for v in saved.data.normalize] == [list(v) for v in want]

@@ -75,9 +75,20 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path):
                 continue
             if name in EPISODE_KEYS or name not in cfg.data:
                 continue
-            if same_data or name == "image_size":  # another dataset: only the model's size
+            if same_data or name in ("image_size", "channels"):  # another dataset: the model's
                 OmegaConf.update(cfg, key, value)
     return cfg
+
+
+def model_normalisation(cfg, preprocessing: dict, overrides: list[str]) -> None:
+    """Normalise the episodes with the statistics the model was trained with (not those of
+    another dataset's meta-train split), unless ``data.normalize`` is given."""
+    from omegaconf import OmegaConf
+
+    mean, std = preprocessing.get("mean"), preprocessing.get("std")
+    if "data.normalize" not in overridden(overrides) and "normalize" in cfg.data:
+        value = [list(mean), list(std)] if mean is not None and std is not None else None
+        OmegaConf.update(cfg, "data.normalize", value)
 
 
 def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
@@ -95,6 +106,7 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
     settings = learner.run_config
     out = Path(output_dir) if output_dir else default_output("evaluate")
     cfg = compose_for(settings, list(overrides), out)
+    model_normalisation(cfg, learner.preprocessing, list(overrides))
     datamodule = build(cfg.data)
     datamodule.setup()
     trained_size = int(settings.get("model.image_size") or settings.get("data.image_size", 0))
