@@ -22,11 +22,11 @@ def tiny_net(ways=3, seed=0, **kw) -> Conv4:
     return Conv4(ways=ways, **kw).double()
 
 
-def random_episodes(batch=2, ways=3, shots=2, queries=3, size=16, seed=1) -> Episodes:
+def random_episodes(batch=2, ways=3, shots=2, queries=3, size=16, seed=1, channels=1) -> Episodes:
     g = torch.Generator().manual_seed(seed)
 
     def images(n):
-        return torch.rand(batch, n, 1, size, size, generator=g, dtype=torch.float64)
+        return torch.rand(batch, n, channels, size, size, generator=g, dtype=torch.float64)
 
     def labels(k):
         return torch.arange(ways).repeat_interleave(k).repeat(batch, 1)

@@ -25,7 +25,7 @@ from metalearn.models.conv4 import Conv4
 from metalearn.models.norm import StepNorm
 from metalearn.models.protocol import Backbone, check_backbone
 from metalearn.models.resnet12 import ResNet12, drop_block
-from tests.helpers import compose_cfg, reference_objective
+from tests.helpers import compose_cfg, random_episodes, reference_objective
 
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine(), "vmap": VmapEngine()}
 TIGHT = dict(rtol=1e-9, atol=1e-12)
@@ -47,15 +47,7 @@ def tiny_resnet(ways=3, seed=0, **kw) -> ResNet12:
 
 
 def colour_episodes(batch=2, ways=3, shots=1, queries=2, size=16, seed=1) -> Episodes:
-    g = torch.Generator().manual_seed(seed)
-
-    def images(n):
-        return torch.rand(batch, n, 3, size, size, generator=g, dtype=torch.float64)
-
-    def labels(k):
-        return torch.arange(ways).repeat_interleave(k).repeat(batch, 1)
-
-    return Episodes(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
+    return random_episodes(batch, ways, shots, queries, size, seed, channels=3)
 
 
 # ---- ResNet-12 ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from metalearn.errors import NonFiniteLossError
+from metalearn.errors import ConfigError, NonFiniteLossError
 from metalearn.models.protocol import check_backbone
 
 # Version of what ``on_save_checkpoint`` writes under "metalearn" (metalearn.load checks it).
@@ -31,6 +31,21 @@ def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
         return math.nan, math.nan
     std = accs.std(unbiased=True).item() if n > 1 else 0.0
     return accs.mean().item(), 1.96 * std / math.sqrt(n)
+
+
+def run_length(trainer) -> int:
+    """Outer steps of the run: ``trainer.max_steps``, else Lightning's estimate. Schedules
+    measured in it (cosine, eps, MAML++'s MSL/DA) need a run with an end."""
+    if trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ConfigError(
+            "the learning-rate and MAML++ schedules (algo.cosine, Reptile's eps, algo.msl / "
+            "algo.da) are fractions of the run, which has no end: set trainer.max_steps (or "
+            "trainer.max_epochs)"
+        )
+    return int(total)
 
 
 def cosine_factor(step: int, total: int, base: float, min_lr: float = 0.0) -> float:
@@ -129,14 +144,7 @@ class EpisodicModule(L.LightningModule):
         ``total`` is ``trainer.max_steps`` as it is now. A ``LambdaLR`` keeps no total in its
         state, so resuming with a larger ``max_steps`` stretches the schedule to the new end
         instead of restarting a cosine period."""
-        total = max(
-            1,
-            int(
-                self.trainer.max_steps
-                if self.trainer.max_steps > 0
-                else self.trainer.estimated_stepping_batches
-            ),
-        )
+        total = max(1, run_length(self.trainer))
         factors = [partial(factor, total=total, base=g["lr"]) for g in opt.param_groups]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -293,7 +301,6 @@ class EpisodicModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["metalearn"] = {
             "format": CHECKPOINT_FORMAT,
-            "algorithm": f"{type(self).__module__}.{type(self).__qualname__}",
             "preprocessing": self.preprocessing,
             "val_best": self.val_best,
             "history": self.history,

@@ -23,6 +23,7 @@ from torch.func import functional_call
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
 from metalearn.data.sources.base import ClassImages
+from metalearn.data.transforms import normalise
 from metalearn.engines.base import accuracy, check_inner_optimizer
 from metalearn.errors import ConfigError
 
@@ -83,10 +84,7 @@ class FineTune(EpisodicModule):
         counts = train.counts[classes] if train.ragged else train.images_per_class
         picks = rng.integers(counts, size=self.batch_size)
         x = torch.from_numpy(train.pixels[train.offsets[classes] + picks]).float().div_(255.0)
-        if norm is not None:
-            mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm)
-            x = (x - mean) / std
-        x = x.to(self.device, self.model.head.weight.dtype)
+        x = normalise(x, norm).to(self.device, self.model.head.weight.dtype)
         return x, torch.from_numpy(classes).to(self.device)
 
     def training_step(self, episodes, batch_idx):

@@ -26,7 +26,6 @@ the plain SGD inner optimizer (``inner_optimizer=sgd``).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from metalearn.algorithms import heads
-from metalearn.algorithms.base import EpisodicModule
+from metalearn.algorithms.base import EpisodicModule, run_length
 from metalearn.data.episodes import Episodes
 from metalearn.engines.base import InnerLoop
 from metalearn.errors import ConfigError
@@ -60,19 +59,6 @@ def msl_weights(steps: int, progress: float) -> np.ndarray:
     w[:-1] = np.maximum(w[:-1] - progress / steps, floor)
     w[-1] = min(w[-1] + progress * (steps - 1) / steps, 1.0 - (steps - 1) * floor)
     return w
-
-
-def run_length(trainer) -> int:
-    """Outer steps of the run: ``trainer.max_steps``, else Lightning's estimate."""
-    if trainer.max_steps > 0:
-        return int(trainer.max_steps)
-    total = trainer.estimated_stepping_batches
-    if not math.isfinite(total):
-        raise ConfigError(
-            "algo.msl / algo.da schedules are fractions of the run, which has no end: set "
-            "trainer.max_steps (or trainer.max_epochs)"
-        )
-    return int(total)
 
 
 def norm_parameters(model: nn.Module) -> set[str]:

@@ -20,7 +20,6 @@ import math
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from metalearn.data.augment import Augment
@@ -34,7 +33,7 @@ from metalearn.data.episodes import (
 from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.splits import Splits, check_disjoint
-from metalearn.data.transforms import Preprocessing
+from metalearn.data.transforms import Preprocessing, normalise
 from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 from metalearn.interrupt import ignore_sigint
@@ -116,9 +115,8 @@ def normalised(episodes: Episodes, norm: tuple | None) -> Episodes:
     """Episodes with images normalised per channel by ``norm`` = (mean, std), if given."""
     if norm is None:
         return episodes
-    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in norm)
     return episodes._replace(
-        support_x=(episodes.support_x - mean) / std, query_x=(episodes.query_x - mean) / std
+        support_x=normalise(episodes.support_x, norm), query_x=normalise(episodes.query_x, norm)
     )
 
 

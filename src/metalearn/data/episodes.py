@@ -75,13 +75,11 @@ def gather(images, indices: EpisodeIndices) -> np.ndarray:
     return images.pixels[flat]
 
 
-def materialise(images, indices: EpisodeIndices, shots: int, mean=None, std=None) -> Episodes:
+def materialise(images, indices: EpisodeIndices, shots: int) -> Episodes:
     """Gather uint8 ink-high images (``ClassImages``, or a dense [C, n, H, W] array) into float
-    Episodes in [0, 1], normalised by per-channel ``mean``/``std`` when given."""
+    Episodes in [0, 1] (normalisation, where the data has it, comes after: data/datamodule.py)."""
     batch, ways, per_class = indices.images.shape
     x = torch.from_numpy(gather(images, indices)).float().div_(255.0)  # [B, N, K+Q, ch, H, W]
-    if mean is not None and std is not None:
-        x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     queries = per_class - shots
     labels = torch.arange(ways, dtype=torch.int64)
     return Episodes(

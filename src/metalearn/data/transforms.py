@@ -200,8 +200,7 @@ def prepare(
     ]
     x = torch.from_numpy(np.stack(out)).float().div_(255.0)
     if spec.mean is not None and spec.std is not None:
-        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
-        x = (x - mean) / torch.tensor(spec.std).view(1, -1, 1, 1)
+        x = normalise(x, (spec.mean, spec.std))
     elif notes is not None and spec.channels == 1 and x.mean() > 0.5:
         flip = spec.paper_white if invert is None else bool(invert)
         notes.add(
@@ -210,6 +209,15 @@ def prepare(
             f"light, pass invert={not flip}"
         )
     return x
+
+
+def normalise(x: torch.Tensor, norm: tuple | None) -> torch.Tensor:
+    """Images [..., C, H, W] in [0, 1] normalised per channel by ``norm`` = (mean, std); as
+    they are when ``norm`` is None. The one normalisation of training data and user images."""
+    if norm is None:
+        return x
+    mean, std = (torch.tensor(v).view(-1, 1, 1) for v in norm)
+    return (x - mean) / std
 
 
 def image_name(item, i: int) -> str:
