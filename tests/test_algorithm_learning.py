@@ -85,3 +85,34 @@ def test_variant_learns_omniglot_5way_1shot(algo, tmp_path, data_root):
         f"{algo}: test/acc {metrics['test/acc']:.3f} +- {metrics['test/acc_ci95']:.3f} "
         f"after {steps} steps, expected > {threshold}"
     )
+
+
+@pytest.mark.slow
+def test_protonet_learns_miniimagenet_84x84_rgb(tmp_path, data_root):
+    """ProtoNet with Conv4-32 on mini-ImageNet (84x84 colour, meta-test classes), 5-way
+    5-shot: 200 episodes lift test/acc from the untrained network's 0.360 (measured: the same
+    100 test episodes after one step) to 0.418 (seed 42). TADAM's metric scaling (0.01) keeps
+    the first steps' softmax out of saturation: with the paper's plain distance the same 200
+    steps reach only 0.378 (losses of 20-60 at the start; docs/RESULTS.md)."""
+    torch.set_num_threads(1)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "data=miniimagenet",
+                "algo=protonet",
+                "algo.metric_scale=0.01",
+                "algo.meta_batch_size=1",
+                "shots=5",
+                *COMMON,
+                "trainer.max_steps=200",
+                "data.batches_per_epoch=200",
+                f"output_dir={tmp_path}",
+            ],
+        )
+    metrics = run(cfg)
+    assert metrics["status"] == "ok" and metrics["steps"] == 200
+    assert metrics["test/acc"] > 0.40, (
+        f"test/acc {metrics['test/acc']:.3f} +- {metrics['test/acc_ci95']:.3f}, expected > 0.40"
+        " (untrained: 0.360)"
+    )

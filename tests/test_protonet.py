@@ -36,6 +36,22 @@ def test_learning_rate_halves_every_lr_halving_steps():
         protonet(lr_halving_steps=0)
 
 
+def test_metric_scale_multiplies_the_squared_distances_and_can_be_learned():
+    """TADAM's metric scaling: logits = -scale * ||q - c||^2; learned, it gets a gradient."""
+    sx, sy, qx, qy = (t[0] for t in random_episodes())
+    plain, scaled = protonet(), protonet(metric_scale=0.25)
+    scaled.load_state_dict(plain.state_dict())  # a fixed scale adds no weights
+    torch.testing.assert_close(
+        scaled.episode_logits(sx, sy, qx), 0.25 * plain.episode_logits(sx, sy, qx)
+    )
+    learned = protonet(metric_scale=0.25, learn_metric_scale=True)
+    assert any(p is learned.metric_scale for p in learned.outer_parameters())
+    torch.nn.functional.cross_entropy(learned.episode_logits(sx, sy, qx), qy).backward()
+    assert learned.metric_scale.grad is not None and learned.metric_scale.grad != 0
+    with pytest.raises(ConfigError, match="metric_scale=0.0: use a positive factor"):
+        protonet(metric_scale=0.0)
+
+
 @pytest.mark.parametrize(("bn_mode", "independent"), [("inductive", True), ("transductive", False)])
 def test_inductive_batchnorm_scores_each_query_on_its_own_at_test(bn_mode, independent):
     """model.bn_mode=inductive (the paper preset): at test, after model.eval() as in the

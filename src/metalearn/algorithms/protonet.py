@@ -9,6 +9,11 @@ Snell et al.'s protocol, set by ``experiment=protonet_omniglot``: training episo
 the test's (``data.train_ways``: 60 on Omniglot; any width works, as there is no head), the
 learning rate halved every 2000 episodes (``lr_halving_steps``), and BatchNorm with running
 statistics at test (``model.bn_mode=inductive``: the reference code calls ``model.eval()``).
+
+``metric_scale`` multiplies the distances (TADAM's metric scaling, Oreshkin et al. 2018;
+``learn_metric_scale`` learns it). Snell et al. use 1; on 84x84 images the squared distances
+over a Conv4's 800-d features are so large that the softmax starts saturated (query losses
+of 20-60), and Adam then spends hundreds of steps shrinking the feature scale first.
 """
 
 from __future__ import annotations
@@ -57,14 +62,27 @@ class ProtoNet(EpisodicModule):
         name: str = "protonet",
         meta_batch_size: int = 1,
         lr_halving_steps: int | None = None,
+        metric_scale: float = 1.0,
+        learn_metric_scale: bool = False,
     ):
         if lr_halving_steps is not None and lr_halving_steps < 1:
             raise ConfigError(
                 f"algo.lr_halving_steps={lr_halving_steps}: use a positive number of outer steps"
                 " (Snell et al.: 2000 episodes), or null for a constant learning rate"
             )
+        if not metric_scale > 0:
+            raise ConfigError(
+                f"algo.metric_scale={metric_scale}: use a positive factor (1: Snell et al.'s"
+                " plain squared distance)"
+            )
         super().__init__(model, optimizer, name, meta_batch_size)
         self.lr_halving_steps = lr_halving_steps
+        # a plain number unless learned, so checkpoints of the paper's form keep their keys
+        self.metric_scale = (
+            torch.nn.Parameter(torch.tensor(float(metric_scale)))
+            if learn_metric_scale
+            else float(metric_scale)
+        )
         self.model.head.requires_grad_(False)
 
     def configure_optimizers(self):
@@ -78,7 +96,8 @@ class ProtoNet(EpisodicModule):
 
     def episode_logits(self, sx, sy, qx) -> torch.Tensor:
         emb = self.model.features(torch.cat([sx, qx]))
-        return prototype_logits(emb[: len(sx)], sy, emb[len(sx) :], int(sy.max()) + 1)
+        logits = prototype_logits(emb[: len(sx)], sy, emb[len(sx) :], int(sy.max()) + 1)
+        return self.metric_scale * logits
 
     def training_step(self, episodes, batch_idx):
         losses, accs = [], []
