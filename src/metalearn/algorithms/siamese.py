@@ -79,7 +79,7 @@ class SiameseNetwork(MetricLearner):
             masked = log_p.unsqueeze(1).masked_fill(~members, -torch.inf)  # [Q, N, S]
             return masked.amax(-1)
         counts = members.sum(1).to(log_p)
-        return (log_p.exp() @ members.T.to(log_p) / counts).clamp_min(1e-30).log()
+        return (scores.sigmoid() @ members.T.to(log_p) / counts).clamp_min(1e-30).log()
 
     def episode_logits(self, sx, sy, qx) -> torch.Tensor:
         support, query = self.embed(sx, qx)
