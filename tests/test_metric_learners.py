@@ -10,6 +10,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metalearn.algorithms.matching import MatchingNetworks, attention
 from metalearn.algorithms.relation import RelationNetwork, conv4_maps
@@ -179,6 +180,13 @@ def test_relation_module_sees_each_class_sum_concatenated_with_each_query():
         for k in range(3):
             want = torch.cat([support[sy == k].sum(0), query[q]])
             torch.testing.assert_close(pairs[q * 3 + k], want)
+
+
+def test_relation_refuses_images_of_another_size_than_it_was_sized_for():
+    module = relation()
+    _, sx, sy, qx, _ = episode()
+    with pytest.raises(ConfigError, match="sized for 16x16 images .* maps are 5 wide"):
+        module.relation_scores(F.pad(sx, [2, 2, 2, 2]), sy, F.pad(qx, [2, 2, 2, 2]))
 
 
 def test_relation_on_a_backbone_without_maps_compares_feature_vectors():

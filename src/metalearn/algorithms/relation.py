@@ -55,7 +55,7 @@ class ConvRelation(nn.Module):
                 ConvBlock(channels, channels, 1, bn_mode),
             ]
         )
-        out = side // 4
+        self.side, out = side, side // 4
         if out < 1:
             raise ConfigError(
                 f"the relation module halves the {side}x{side} feature maps twice: use "
@@ -66,6 +66,12 @@ class ConvRelation(nn.Module):
         )
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        if pairs.shape[-1] != self.side:
+            raise ConfigError(
+                f"the relation module was sized for {4 * self.side}x{4 * self.side} images "
+                f"(algo.image_size), but the feature maps are {pairs.shape[-1]} wide: give "
+                "images of the size it was trained on (algo.image_size follows data.image_size)"
+            )
         for block in self.blocks:
             pairs = block(pairs)
         return self.fc(pairs.flatten(1)).squeeze(-1)
