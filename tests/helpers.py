@@ -76,6 +76,9 @@ ALGOS = [
     "maml_pp",
     "anil",
     "protonet",
+    "matching",
+    "relation",
+    "siamese",
     "finetune",
 ]
 

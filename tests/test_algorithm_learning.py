@@ -54,6 +54,9 @@ CASES = {
     # fine-tuning of a random Conv4 is already far above chance)
     "protonet": (150, MB4, 0.65),  # 0.819, 0.828; untrained 0.493
     "finetune": (300, [], 0.62),  # 0.760, 0.799; untrained 0.482
+    "matching": (150, MB4, 0.62),  # 0.756, 0.708; untrained 0.483
+    "relation": (100, MB4, 0.55),  # 0.732, 0.706; untrained 0.196
+    "siamese": (150, MB4, 0.45),  # 0.644, 0.804; untrained 0.193
 }
 
 

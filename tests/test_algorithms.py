@@ -756,7 +756,14 @@ def test_every_variant_runs(algo, tmp_path, data_root):
     metrics = run(cfg)
     assert metrics["status"] == "ok" and metrics["algo"] == algo
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["steps"] == 3
-    no_inner_loop = algo in ("reptile", "protonet", "finetune")  # they ignore engine=
+    no_inner_loop = algo in (
+        "reptile",
+        "protonet",
+        "matching",
+        "relation",
+        "siamese",
+        "finetune",
+    )  # they ignore engine=
     assert metrics["engine"] == (None if no_inner_loop else "higher")
 
 

@@ -27,7 +27,8 @@ from metalearn.errors import ConfigError
 from tests.helpers import REPO, patched_train
 
 HAS_REPTILE = (REPO / "conf" / "algo" / "reptile.yaml").exists()
-ALGOS = ["maml", "fomaml"] + (["reptile"] if HAS_REPTILE else [])
+METRIC = ["matching", "relation", "siamese"]  # no inner loop: DDP splits their episodes too
+ALGOS = ["maml", "fomaml", *METRIC] + (["reptile"] if HAS_REPTILE else [])
 # Reptile: the whole task per inner step (its minibatches are seeded by the rank-local task
 # index, which differs between the ranks and the union run) and inner SGD (inner Adam, like
 # outer Adam below, blows float32 round-off in ~zero gradients up to lr-sized steps)
@@ -141,14 +142,15 @@ def run_ok(cmd: list[str], data_root: Path) -> None:
 def ddp_runs(tmp_path_factory, data_root) -> dict[str, Path]:
     """Every algorithm on 2 gloo processes: {algo: run dir}.
 
-    MAML and FOMAML as one ``-m`` sweep (rank 1 relaunched per job by metalearn.distributed),
-    Reptile as a single run (Lightning's own relaunch), so both command paths are covered.
+    MAML, FOMAML and the metric-based learners as one ``-m`` sweep (rank 1 relaunched per
+    job by metalearn.distributed), Reptile as a single run (Lightning's own relaunch), so both
+    command paths are covered.
     """
     sweep = tmp_path_factory.mktemp("ddp")
     # subdir: the default ${hydra.job.override_dirname} of this many overrides is too long
     run_ok(
         ddp_command(
-            "algo=maml,fomaml",
+            f"algo=maml,fomaml,{','.join(METRIC)}",
             f"hydra.sweep.dir={sweep}",
             "hydra.sweep.subdir=${hydra.job.num}",
             multirun=True,
@@ -197,7 +199,9 @@ def reference(
 NO_REPTILE = pytest.mark.skipif(not HAS_REPTILE, reason="conf/algo/reptile.yaml is not there yet")
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", pytest.param("reptile", marks=NO_REPTILE)])
+@pytest.mark.parametrize(
+    "algo", ["maml", "fomaml", *METRIC, pytest.param("reptile", marks=NO_REPTILE)]
+)
 def test_two_processes_equal_one_with_the_union_of_tasks(algo, ddp_runs, tmp_path):
     job = ddp_runs[algo]
     ref = reference(tmp_path, algo)

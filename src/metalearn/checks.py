@@ -52,7 +52,8 @@ def check_preset_rows(cfg: DictConfig) -> None:
 
 def check_train_ways(cfg: DictConfig) -> None:
     """Training episodes wider than the test's suit an algorithm without a classification
-    head (ProtoNet); the others' head has ``ways`` outputs, so other labels would crash it."""
+    head (ProtoNet, Matching, Relation, Siamese); the others' head has ``ways`` outputs, so
+    other labels would crash it."""
     train_ways = cfg.data.get("train_ways")
     if train_ways is None or train_ways == cfg.ways:
         return
@@ -61,6 +62,6 @@ def check_train_ways(cfg: DictConfig) -> None:
     if not getattr(get_object(cfg.algo._target_), "any_train_ways", False):
         raise ConfigError(
             f"data.train_ways={train_ways} differs from ways={cfg.ways}, but algo={cfg.algo.name}"
-            f" classifies with a {cfg.ways}-way head: set data.train_ways=null (or use"
-            " algo=protonet)"
+            f" classifies with a {cfg.ways}-way head: set data.train_ways=null (or use an algo"
+            " without a head: protonet, matching, relation, siamese)"
         )
