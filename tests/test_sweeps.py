@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metalearn.report import report
+from metalearn.report import frame, report
 from tests.helpers import REPO, read_offline_run
 
 TINY = [
@@ -127,6 +127,11 @@ def test_report_on_the_real_sweep(sweep, tmp_path):
     assert "shots+queries" in md
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
     assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
+    df = frame(root)  # the same runs as a DataFrame
+    assert len(df) == 6 and sorted(df.status) == ["failed"] * 2 + ["ok"] * 4
+    assert (df["algo.first_order"] == (df.algo == "fomaml")).all()  # a config key that varies
+    ok = df[df.status == "ok"].set_index("run")["test/acc"]
+    assert ok.to_dict() == {d.name: m["test/acc"] for d, m in jobs(root).items() if "test/acc" in m}
 
 
 def test_each_job_is_one_offline_wandb_run(sweep):
