@@ -233,8 +233,14 @@ def test_long_variant_titles_are_wrapped_and_never_overlap(tmp_path):
 
     for k, algo in enumerate(("maml", "fomaml", "reptile")):
         for lr in (0.1, 0.4):
-            overrides = [f"algo.inner_lr={lr}", "algo.inner_steps=5", "algo.first_order=true",
-                         f"data.augment=rotate90_{k}", f"model.channels={32 + k}"]  # fmt: skip
+            overrides = [
+                f"algo.inner_lr={lr}",
+                f"algo.inner_steps={k + 10 * lr:.0f}",
+                f"algo.first_order={lr > 0.2}",
+                f"data.augment=rotate90_{k}",
+                f"model.channels={32 + k}",
+                f"algo.outer_lr=0.00{k}{10 * lr:.0f}",
+            ]
             write_run(tmp_path, f"{algo}{lr}", overrides, algo=algo)
     fig = curves_figure(collect(tmp_path))
     renderer = fig.canvas.get_renderer()
@@ -260,8 +266,8 @@ def test_frame_has_one_row_per_run_with_the_keys_that_vary(tmp_path):
 
     config = (
         "ways: 5\nshots: {shots}\noutput_dir: ${{hydra:runtime.output_dir}}\n"
-        "algo: {{name: maml, inner_lr: {lr}, first_order: false, steps: ${{shots}}}}\n"
-        "data: {{name: omniglot, root: /data/{name}}}\n"
+        "algo:\n  name: maml\n  inner_lr: {lr}\n  first_order: false\n  steps: ${{shots}}\n"
+        "data:\n  name: omniglot\n  root: /data/{name}\n"
     )
     for name, shots, lr in (("a", 1, 0.4), ("b", 5, 0.4), ("c", 1, 0.1)):
         job = write_run(tmp_path, name, shots=shots, **{"test/acc": 0.5 + lr})
