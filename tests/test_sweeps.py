@@ -219,6 +219,27 @@ def test_gpu_claims_are_exclusive_and_prefer_the_job_number(tmp_path, monkeypatc
         assert again == 0
 
 
+def test_a_gpu_claimed_by_another_process_frees_up_when_that_process_dies(tmp_path, monkeypatch):
+    monkeypatch.setenv("METALEARN_GPU_LOCK_DIR", str(tmp_path))
+    env = {**os.environ, "METALEARN_GPU_LOCK_DIR": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from metalearn.pool import GpuClaim\n"
+         "with GpuClaim(['0']) as i: print('claimed', i, flush=True); time.sleep(60)"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "claimed 0"
+        from metalearn.pool import GpuClaim
+
+        assert not GpuClaim(["0"]).try_claim()  # held by the other process
+        holder.kill()  # no release of its own: the OS drops the lock with the process
+        holder.wait(timeout=30)
+        with GpuClaim(["0"], poll_s=0.1) as index:
+            assert index == 0
+    finally:
+        holder.kill()
+
+
 def test_pool_size_falls_back_to_cpu_processes():
     from omegaconf import OmegaConf
 
