@@ -42,6 +42,24 @@ def test_configs_resolve_to_the_checkout_when_not_installed_as_a_wheel():
     assert conf_dir() == REPO / "conf"
 
 
+def test_a_conf_folder_in_the_working_directory_adds_the_users_experiment(tmp_path, monkeypatch):
+    import metalearn
+
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(USER_EXPERIMENT)
+    monkeypatch.chdir(tmp_path)
+    cfg = metalearn.compose(["experiment=mine", "algo=fomaml"])
+    assert cfg.shots == 2 and cfg.algo.inner_lr == 0.123 and cfg.algo.first_order
+    monkeypatch.chdir(tmp_path / "conf")  # elsewhere it is not an option
+    with pytest.raises(Exception, match="experiment/mine"):
+        metalearn.compose(["experiment=mine"])
+    # and a working directory without conf/ (most) gets no warning about it
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    code = "import metalearn; metalearn.compose([])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "searchpath" not in done.stderr, done.stderr
+
+
 def run(args, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{args}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
@@ -92,7 +110,8 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_outside_the_checkout(tmp_pa
     help_text = run([bin_dir / "metalearn-train", "--help"], user, env).stdout
     assert "Config groups" in help_text and "protonet" in help_text
 
-    run([bin_dir / "metalearn-train", "experiment=mine", "algo=fomaml", *TINY], user, env)
+    trained = run([bin_dir / "metalearn-train", "experiment=mine", "algo=fomaml", *TINY], user, env)
+    assert "Warning" not in trained.stderr, trained.stderr
     (run_dir,) = (user / "outputs").glob("*/*")
     assert (run_dir / "metrics.json").exists() and (run_dir / "train.log").exists()
     composed = (run_dir / ".hydra" / "config.yaml").read_text()

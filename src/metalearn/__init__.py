@@ -1,6 +1,12 @@
 """metalearn: meta-learning experiments on real few-shot data with Lightning + Hydra."""
 
+import warnings
+
 __version__ = "0.1.0"
+
+# conf/train.yaml puts ./conf (a user's own configs) on Hydra's search path; most working
+# directories have none, which is fine and not worth Hydra's warning on every run
+warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=conf is not")
 
 __all__ = ["compose", "load", "train"]
 
