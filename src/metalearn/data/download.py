@@ -138,7 +138,10 @@ def _http():
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(_check_reply)
     return fsspec.filesystem(
-        "http", headers={"User-Agent": USER_AGENT}, client_kwargs={"trace_configs": [trace]}
+        "http",
+        headers={"User-Agent": USER_AGENT},
+        # trust_env: the HTTP(S)_PROXY settings a cluster needs, as urllib and requests read them
+        client_kwargs={"trace_configs": [trace], "trust_env": True},
     )
 
 
