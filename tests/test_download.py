@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from metalearn.data import download as download_module
 from metalearn.data.download import download, read_url
 from metalearn.data.sources import omniglot
 from metalearn.data.sources.omniglot import load_omniglot
@@ -36,6 +37,8 @@ class LoopbackServer:
         self.no_length: set[str] = set()
         self.max_range: int | None = None
         self.range_from_zero = False
+        self.ignore_range = False  # a server without Range support: 200 and the whole file
+        self.flaky: dict[str, int] = {}  # path -> how many more replies to cut short
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.bytes_sent = 0
         server = self
@@ -51,6 +54,7 @@ class LoopbackServer:
                     self.send_error(404)
                     return
                 status, rng = 200, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+                rng = None if server.ignore_range else rng
                 headers = {}
                 if rng:
                     start, end = int(rng[1]), min(int(rng[2]), len(body) - 1)
@@ -61,7 +65,9 @@ class LoopbackServer:
                     status, body = 206, body[start : end + 1]
                 self.send_response(status)
                 if self.path not in server.no_length:
-                    claimed = len(body) * 2 if self.path in server.truncated else len(body)
+                    cut = self.path in server.truncated or server.flaky.get(self.path, 0) > 0
+                    server.flaky[self.path] = server.flaky.get(self.path, 0) - 1
+                    claimed = len(body) * 2 if cut else len(body)
                     headers["Content-Length"] = str(claimed)
                 for key, value in headers.items():
                     self.send_header(key, value)
@@ -81,6 +87,13 @@ class LoopbackServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _no_retries(monkeypatch):
+    """Failures fail at once here (a real download retries a failed transfer RETRIES times,
+    waiting a second or two in between): test_a_transfer_cut_short_is_tried_again."""
+    monkeypatch.setattr(download_module, "RETRIES", 0)
 
 
 @pytest.fixture
@@ -129,6 +142,18 @@ def test_interrupted_transfer_leaves_nothing(server, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_transfer_cut_short_is_tried_again(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(download_module, "RETRIES", 1)
+    payload = np.random.default_rng(3).bytes(50_000)
+    server.files["/flaky.bin"] = payload
+    server.flaky["/flaky.bin"] = 1  # the first reply is cut short, the second is whole
+    dest = download(
+        server.url + "/flaky.bin", tmp_path / "flaky.bin", md5=hashlib.md5(payload).hexdigest()
+    )
+    assert dest.read_bytes() == payload and len(server.requests) == 2
+    assert leftovers(tmp_path) == ["flaky.bin"]
+
+
 def test_http_error_and_unreachable(server, tmp_path):
     with pytest.raises(DataError, match="HTTP 404"):
         download(server.url + "/missing.bin", tmp_path / "missing.bin")
@@ -167,6 +192,17 @@ def test_short_or_misplaced_range_reply_is_a_data_error(server, tmp_path):
     server.max_range, server.range_from_zero = None, True  # right length, wrong bytes
     with pytest.raises(DataError, match=r"asked for bytes 128-15807.*Content-Range 'bytes 0-15679"):
         fetch_bitmap_rows(url, dest, 20)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_server_that_ignores_range_is_refused_before_the_whole_file(server, tmp_path):
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2000, 784), np.uint8))
+    server.files["/bitmap/cat.npy"] = buffer.getvalue()
+    server.ignore_range = True
+    with pytest.raises(DataError, match="ignored the Range header"):
+        fetch_bitmap_rows(server.url + "/bitmap/cat.npy", tmp_path / "cat.npy", 20)
+    assert len(server.requests) == 1  # refused at the header probe's reply, its body unread
     assert leftovers(tmp_path) == []
 
 

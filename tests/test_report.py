@@ -222,3 +222,70 @@ def test_curve_takes_the_end_of_an_epoch_validated_twice(tmp_path):
     epochs, mean, ci = mean_curve(collect(tmp_path))
     assert epochs == [1, 2] and mean == pytest.approx([0.40, 0.50])
     assert ci == pytest.approx([0.02, 0.02])  # one run: its own CI, not a spread of two points
+
+
+def test_long_variant_titles_are_wrapped_and_never_overlap(tmp_path):
+    """Three panels side by side, each labelled by a long ablation: every title stays within
+    its own panel's width and clear of the other titles and panels."""
+    import matplotlib.pyplot as plt
+
+    from metalearn.report import curves_figure
+
+    for k, algo in enumerate(("maml", "fomaml", "reptile")):
+        for lr in (0.1, 0.4):
+            overrides = [
+                f"algo.inner_lr={lr}",
+                f"algo.inner_steps={k + 10 * lr:.0f}",
+                f"algo.first_order={lr > 0.2}",
+                f"data.augment=rotate90_{k}",
+                f"model.channels={32 + k}",
+                f"algo.outer_lr=0.00{k}{10 * lr:.0f}",
+            ]
+            write_run(tmp_path, f"{algo}{lr}", overrides, algo=algo)
+    fig = curves_figure(collect(tmp_path))
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 6  # one panel per algo and variant: two rows of three
+    titles = [ax.title.get_window_extent(renderer) for ax in axes]
+    assert all("\n" in ax.get_title() for ax in axes)  # wrapped onto a second line
+    boxes = [ax.get_window_extent(renderer) for ax in axes]
+    margin = 0.5 * (boxes[1].x0 - boxes[0].x1)  # half the gap between two panels of a row
+    for i, title in enumerate(titles):
+        assert boxes[i].x0 - margin <= title.x0 and title.x1 <= boxes[i].x1 + margin
+        for j, other in enumerate(titles):
+            assert j == i or not title.overlaps(other), (axes[i].get_title(), axes[j].get_title())
+        for j, ax in enumerate(axes):  # another panel with its tick labels and axis label
+            if j != i:
+                assert not title.overlaps(ax.get_tightbbox(renderer, bbox_extra_artists=[])), j
+    plt.close(fig)
+
+
+def test_frame_has_one_row_per_run_with_the_keys_that_vary(tmp_path):
+    pd = pytest.importorskip("pandas")
+    from metalearn.report import frame
+
+    config = (
+        "ways: 5\nshots: {shots}\noutput_dir: ${{hydra:runtime.output_dir}}\n"
+        "algo:\n  name: maml\n  inner_lr: {lr}\n  first_order: false\n  steps: ${{shots}}\n"
+        "data:\n  name: omniglot\n  root: /data/{name}\n"
+    )
+    for name, shots, lr in (("a", 1, 0.4), ("b", 5, 0.4), ("c", 1, 0.1)):
+        job = write_run(tmp_path, name, shots=shots, **{"test/acc": 0.5 + lr})
+        (job / ".hydra" / "config.yaml").write_text(config.format(shots=shots, lr=lr, name=name))
+    failed = write_run(tmp_path, "d", status="failed", error="ConfigError: bad", curve=None)
+    (failed / ".hydra" / "config.yaml").write_text(config.format(shots=1, lr=0.2, name="d"))
+    df = frame(tmp_path)
+    assert isinstance(df, pd.DataFrame)
+    assert list(df.run) == ["a", "b", "c", "d"]
+    assert list(df.columns[:7]) == ["run", "status", "algo", "dataset", "ways", "shots", "seed"]
+    assert list(df.status) == ["ok", "ok", "ok", "failed"]
+    assert list(df["algo.inner_lr"]) == [0.4, 0.4, 0.1, 0.2]
+    assert list(df["algo.steps"]) == [1, 5, 1, 1]  # ${shots}, resolved per run
+    assert df["test/acc"].tolist()[:3] == pytest.approx([0.9, 0.9, 0.6])
+    assert df.error.tolist()[3] == "ConfigError: bad"
+    # the same everywhere, bookkeeping, or not a scalar: not a column
+    for key in ("algo.first_order", "algo.name", "output_dir", "data.root", "curve"):
+        assert key not in df.columns
+    assert df[df.status == "ok"].groupby("shots")["test/acc"].mean().to_dict() == pytest.approx(
+        {1: 0.75, 5: 0.9}
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from metalearn.report import report
+from metalearn.report import frame, report
 from tests.helpers import REPO, read_offline_run
 
 TINY = [
@@ -127,6 +127,11 @@ def test_report_on_the_real_sweep(sweep, tmp_path):
     assert "shots+queries" in md
     assert (tmp_path / "results.csv").read_text().count("\n") == 1 + 6
     assert (tmp_path / "learning_curves.png").stat().st_size > 10_000
+    df = frame(root)  # the same runs as a DataFrame
+    assert len(df) == 6 and sorted(df.status) == ["failed"] * 2 + ["ok"] * 4
+    assert (df["algo.first_order"] == (df.algo == "fomaml")).all()  # a config key that varies
+    ok = df[df.status == "ok"].set_index("run")["test/acc"]
+    assert ok.to_dict() == {d.name: m["test/acc"] for d, m in jobs(root).items() if "test/acc" in m}
 
 
 def test_each_job_is_one_offline_wandb_run(sweep):
@@ -212,6 +217,27 @@ def test_gpu_claims_are_exclusive_and_prefer_the_job_number(tmp_path, monkeypatc
             assert not GpuClaim(gpus, preferred=0).try_claim()  # both taken: a job would wait
     with GpuClaim(gpus, preferred=0) as again:  # released when the jobs ended
         assert again == 0
+
+
+def test_a_gpu_claimed_by_another_process_frees_up_when_that_process_dies(tmp_path, monkeypatch):
+    monkeypatch.setenv("METALEARN_GPU_LOCK_DIR", str(tmp_path))
+    env = {**os.environ, "METALEARN_GPU_LOCK_DIR": str(tmp_path), "PYTHONPATH": str(REPO / "src")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from metalearn.pool import GpuClaim\n"
+         "with GpuClaim(['0']) as i: print('claimed', i, flush=True); time.sleep(60)"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "claimed 0"
+        from metalearn.pool import GpuClaim
+
+        assert not GpuClaim(["0"]).try_claim()  # held by the other process
+        holder.kill()  # no release of its own: the OS drops the lock with the process
+        holder.wait(timeout=30)
+        with GpuClaim(["0"], poll_s=0.1) as index:
+            assert index == 0
+    finally:
+        holder.kill()
 
 
 def test_pool_size_falls_back_to_cpu_processes():

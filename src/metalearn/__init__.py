@@ -1,6 +1,12 @@
 """metalearn: meta-learning experiments on real few-shot data with Lightning + Hydra."""
 
+import warnings
+
 __version__ = "0.1.0"
+
+# conf/train.yaml puts ./conf (a user's own configs) on Hydra's search path; most working
+# directories have none, which is fine and not worth Hydra's warning on every run
+warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=conf is not")
 
 __all__ = ["compose", "load", "train"]
 
@@ -14,12 +20,12 @@ def compose(overrides=(), config_name: str = "train"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from metalearn.paths import CONF_DIR
+    from metalearn.paths import conf_dir
 
     overrides = list(overrides)
     if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
         overrides.append(f"output_dir=outputs/{time.strftime('%Y-%m-%d/%H-%M-%S')}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name, overrides=overrides)
 
 

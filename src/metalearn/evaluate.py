@@ -52,12 +52,12 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path):
     checkpoint's dataset and episode shape, then the user's ``overrides``."""
     from hydra import compose, initialize_config_dir
 
-    from metalearn.paths import CONF_DIR
+    from metalearn.paths import conf_dir
 
     given = overridden(overrides)
     same_data = "data" not in given
     base = [] if not same_data else [f"data={settings.get('data.name', 'omniglot')}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
             fixed = ["logger=none", f"output_dir={output_dir}"]
             cfg = compose("train", overrides=[*base, *overrides, *fixed])

@@ -11,6 +11,10 @@ the next step boundary with ``SIGTERMException``; before it unwinds, ``last.ckpt
 at that step (no validation: a scheduler's grace period is short), and the run ends as
 interrupted, with the ``ckpt_path=`` to resume from.
 
+Why not Lightning's own handling: on Ctrl-C it stops where the KeyboardInterrupt lands, mid-step
+(its OnExceptionCheckpoint would save that half-done step), and on SIGTERM it stops at the step
+boundary without writing a checkpoint; neither says how to resume.
+
 Single-process runs only: under DDP each rank would see the signal at a different step, and
 a rank that stops alone leaves the others waiting, so DDP keeps Lightning's handling. Nor does
 it replace a SIGINT handler other than Python's default (a parallel launcher's workers that

@@ -9,10 +9,11 @@ Pinning happens in the job (``metalearn.train.main`` wraps ``run`` in ``pinned_d
 * joblib runs jobs in a few long-lived worker processes and hands the next job to whichever
   worker is free, so "GPU = job number mod #GPUs" alone would put two jobs on one GPU as soon as
   jobs take unequal time (a 10-shot job outlives a 1-shot one). Each job therefore *claims* a GPU
-  with an exclusive lock file (``fcntl.flock``), trying ``job number mod #GPUs`` first, then any
-  free one, and waiting if all are taken (another sweep of the same user on the same machine
-  shares the same locks, in ``$METALEARN_GPU_LOCK_DIR`` or ``<tmp>/metalearn-gpu-locks-<user>``).
-  The lock is released when the job ends, or by the OS if the worker dies.
+  with an exclusive lock file (``filelock``: flock on Unix, msvcrt on Windows), trying
+  ``job number mod #GPUs`` first, then any free one, and waiting if all are taken (another
+  sweep of the same user on the same machine shares the same locks, in
+  ``$METALEARN_GPU_LOCK_DIR`` or ``<tmp>/metalearn-gpu-locks-<user>``). The lock is released
+  when the job ends, or by the OS if the worker dies.
 * The job then runs on that GPU through ``trainer.devices=[index]`` (and
   ``torch.cuda.set_device``). ``CUDA_VISIBLE_DEVICES`` is deliberately *not* changed per job: a
   worker that has initialised CUDA keeps the device list it started with, so a second job in
@@ -83,22 +84,19 @@ class GpuClaim:
     def __init__(self, gpus: list[str], preferred: int = 0, poll_s: float = 2.0):
         self.gpus, self.preferred, self.poll_s = gpus, preferred % len(gpus), poll_s
         self.index: int | None = None
-        self._fd: int | None = None
+        self._lock = None
 
     def try_claim(self) -> bool:
-        import fcntl
+        from filelock import FileLock, Timeout
 
         order = [(self.preferred + k) % len(self.gpus) for k in range(len(self.gpus))]
         for index in order:
-            fd = os.open(lock_dir() / f"gpu-{self.gpus[index]}.lock", os.O_RDWR | os.O_CREAT)
+            lock = FileLock(lock_dir() / f"gpu-{self.gpus[index]}.lock")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
+                lock.acquire(timeout=0)  # taken by another job: try the next GPU
+            except Timeout:
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}\n".encode())
-            self.index, self._fd = index, fd
+            self.index, self._lock = index, lock
             return True
         return False
 
@@ -112,9 +110,9 @@ class GpuClaim:
         return self.index
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def joblib_job() -> tuple[int, int] | None:

@@ -19,6 +19,8 @@ one panel per dataset / algorithm / ways; the band is a single run's interval ov
 episodes, or the t interval across runs where a line averages several); the table and the
 failures are also printed.
 
+For one's own analysis, ``frame(DIR)`` returns the runs as a pandas DataFrame (one row per run).
+
 Failed jobs: a ``metrics.json`` with ``status: failed`` (or ``interrupted``: Ctrl-C) and its
 ``error``; a job directory (one with ``.hydra/``) without ``metrics.json`` (killed, out of
 memory, still running) shows the last error line of its log.
@@ -31,6 +33,7 @@ import csv
 import json
 import math
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -171,6 +174,75 @@ def label_variants(runs: list[Run]) -> None:
     varying = sorted(k for k in keys if len({r.overrides.get(k) for r in runs}) > 1)
     for r in runs:
         r.variant = " ".join(f"{k}={r.overrides[k]}" for k in varying if k in r.overrides)
+
+
+# ---- a DataFrame for one's own analysis ----------------------------------------------------
+# run_info's keys: a frame's first columns, after the run's folder and status
+FRAME_FIRST = ("run", "status", "algo", "dataset", "ways", "shots", "seed", "samples_per_class")
+
+
+def run_config(job_dir: Path) -> dict:
+    """A run's composed config, flat (``algo.inner_lr``): ``.hydra/config.yaml`` of a training
+    job, ``config.yaml`` of an evaluation. Each interpolation resolved where it can be
+    (``${hydra:...}`` cannot, outside the run: it stays as written)."""
+    from omegaconf import OmegaConf
+
+    path = job_dir / ".hydra" / "config.yaml"
+    path = path if path.exists() else job_dir / "config.yaml"
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - no config, or a broken one: the metrics still count
+        return {}
+    flat = {}
+
+    def walk(node, prefix: str) -> None:
+        for key in node.keys() if OmegaConf.is_dict(node) else []:
+            name = f"{prefix}{key}"
+            child = node._get_node(key)
+            if OmegaConf.is_dict(child):
+                walk(child, name + ".")
+                continue
+            try:
+                value = node[key]
+            except Exception:  # noqa: BLE001 - an interpolation that needs the live run
+                value = child._value()
+            flat[name] = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+
+    walk(cfg, "")
+    return flat
+
+
+def frame(root: Path | str):
+    """Runs under ``root`` (a sweep, or any tree of runs) as a pandas DataFrame, one row per
+    run: its folder (relative to ``root``), status (ok, failed, interrupted, missing), what it
+    ran (algo, dataset, ways, shots, seed), the config keys whose values differ between the
+    runs (``algo.inner_lr``; bookkeeping such as paths and loggers left out) and every scalar
+    metric of its metrics.json (``test/acc``, ``test/acc_ci95``, ``val/acc_best``, ``steps``,
+    ``wall_s``, ``error``, ...). Learning curves stay in metrics.json (``curve``).
+
+        from metalearn.report import frame
+        df = frame("multirun/2026-01-31/12-00-00")
+        df[df.status == "ok"].groupby(["algo", "shots"])["test/acc"].agg(["mean", "std"])
+    """
+    import pandas as pd
+
+    root = Path(root)
+    runs = collect(root)
+    configs = [run_config(r.dir) for r in runs]
+    keys = sorted({k for c in configs for k in c if not k.startswith(IGNORED)})
+    varying = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
+    scalars = (str, int, float, bool, type(None))
+    nested = {k for r in runs for k, v in r.metrics.items() if not isinstance(v, scalars)}
+    rows = []
+    for r, config in zip(runs, configs, strict=True):
+        row = {"run": _rel(r.dir, root), "status": r.get("status")}
+        row |= {k: v for k, v in r.metrics.items() if k in FRAME_FIRST}
+        row |= {k: config.get(k) for k in varying if k not in row}
+        row |= {k: v for k, v in r.metrics.items() if k not in row and k not in nested}
+        rows.append(row)
+    columns = [c for c in FRAME_FIRST if any(c in row for row in rows)]
+    columns += [c for row in rows for c in row if c not in columns]
+    return pd.DataFrame(rows, columns=list(dict.fromkeys(columns)))
 
 
 # ---- intervals ---------------------------------------------------------------------------
@@ -355,8 +427,25 @@ def write_csv(path: Path, rows, cols, cells, metric: str) -> None:
 
 
 # ---- learning curves ---------------------------------------------------------------------
-def plot_curves(runs: list[Run], path: Path) -> bool:
-    """Validation accuracy per epoch: one panel per dataset/algo/ways, one line per shots.
+PANEL_WIDTH_IN = 4.6
+TITLE_PT, VARIANT_PT = 10, 8
+
+
+def panel_title(key: tuple, width_in: float = PANEL_WIDTH_IN) -> str:
+    """``algo, N-way · dataset`` and, below, the variant wrapped to the panel's width (a long
+    ablation label on one line ran into the neighbouring panels' titles)."""
+    dataset, samples, algo, variant, ways = key
+    title = f"{algo}, {ways}-way · {dataset}" + ("" if samples == "all" else f"/{samples}")
+    if not variant:
+        return title
+    # characters per line: the panel's width over an average glyph (~0.6 em) of the small font
+    chars = max(20, int(width_in * 72 / (0.6 * VARIANT_PT)))
+    return title + "\n" + textwrap.fill(variant, chars, break_on_hyphens=False)
+
+
+def curves_figure(runs: list[Run]):
+    """Validation accuracy per epoch: one panel per dataset/algo/ways, one line per shots
+    (a matplotlib Figure; None when no run has a curve).
 
     The band: a single run's 95 % CI over validation episodes; for a line that averages
     several runs (``n=K seeds`` in its legend), the t interval across runs (``t_interval``)."""
@@ -365,7 +454,7 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
         if r.ok and r.get("curve"):
             panels[(*r.row, r.column[0])][r.column[1]].append(r)
     if not panels:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +465,7 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
     ncols = min(3, len(keys))
     nrows = math.ceil(len(keys) / ncols)
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False, sharey=True
+        nrows, ncols, figsize=(PANEL_WIDTH_IN * ncols, 3.4 * nrows), squeeze=False, sharey=True
     )
     for ax, key in zip(axes.flat, keys, strict=False):
         for shots in sorted(panels[key]):
@@ -394,9 +483,8 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
                 alpha=0.15,
                 lw=0,
             )
-        dataset, samples, algo, variant, ways = key
-        title = f"{algo}, {ways}-way · {dataset}" + ("" if samples == "all" else f"/{samples}")
-        ax.set_title(title + (f"\n{variant}" if variant else ""), fontsize=10)
+        title = panel_title(key)
+        ax.set_title(title, fontsize=TITLE_PT if "\n" not in title else VARIANT_PT)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -409,7 +497,17 @@ def plot_curves(runs: list[Run], path: Path) -> bool:
         "band: 95 % CI over validation episodes (one run); t interval across runs (n=K seeds)",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout()  # makes room for the titles' lines between the rows
+    return fig
+
+
+def plot_curves(runs: list[Run], path: Path) -> bool:
+    """``curves_figure`` saved as ``path``; False when no run has a curve."""
+    fig = curves_figure(runs)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

@@ -16,11 +16,10 @@ import hydra
 import matplotlib
 from omegaconf import DictConfig
 
-from metalearn import paths
 from metalearn.data.episodes import EpisodeIndices, materialise
 from metalearn.errors import ConfigError
+from metalearn.paths import conf_dir
 
-CONF_DIR = str(paths.CONF_DIR)
 QUERY_COLUMNS = 10
 SPLITS = ("val", "test", "train")
 
@@ -106,7 +105,7 @@ def _run_dir() -> str:
         return "."
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
     print(render_episode(cfg))
 
