@@ -159,10 +159,24 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
     while (records := complete()) is None:
         assert time.monotonic() < deadline, f"{log} has no exit record after {timeout} s"
         time.sleep(0.2)
-    run, config, summary, exit_code = None, {}, {}, None
+    run, config, summary, exit_code, artifacts, steps = None, {}, {}, None, [], []
     for rec in records:
         kind = rec.WhichOneof("record_type")
-        if kind == "run":
+        if kind == "artifact":
+            artifacts.append(
+                {
+                    "name": rec.artifact.name,
+                    "aliases": set(rec.artifact.aliases),
+                    "metadata": json.loads(rec.artifact.metadata or "{}"),
+                    "digests": {e.path: e.digest for e in rec.artifact.manifest.contents},
+                }
+            )
+        elif kind == "history":
+            row = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item
+            }
+            steps.append(row.get("trainer/global_step"))
+        elif kind == "run":
             run = rec.run
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
@@ -177,6 +191,7 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
             )
     return {
         "id": run.run_id,
+        "entity": run.entity,
         "group": run.run_group,
         "job_type": run.job_type,
         "tags": list(run.tags),
@@ -184,4 +199,6 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
         "config": config,
         "summary": summary,
         "exit_code": exit_code,
+        "artifacts": artifacts,
+        "global_steps": steps,  # trainer/global_step of each history row
     }
