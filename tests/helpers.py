@@ -94,13 +94,15 @@ TINY = [
 ]
 
 
-def compose_cfg(output_dir, overrides=(), tiny=True):
+def compose_cfg(output_dir, overrides=(), tiny=True, **kwargs):
     """Compose the real conf/train.yaml as train.py would (plus tiny settings)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(
-            "train", overrides=[*(TINY if tiny else []), f"output_dir={output_dir}", *overrides]
+            "train",
+            overrides=[*(TINY if tiny else []), f"output_dir={output_dir}", *overrides],
+            **kwargs,
         )
 
 

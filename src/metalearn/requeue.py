@@ -119,7 +119,7 @@ def run_requeueable(job):
         hand_over()  # requeue now if the signal came (submitit exits), else re-raise
         raise
     finally:
-        STATE.active = False
+        STATE.active, STATE.last_ckpt = False, None
     STATE.deferred = None  # finished within its time: nothing to requeue
     return result
 
@@ -139,9 +139,9 @@ def hand_over() -> bool:
 def resume_overrides(overrides: list[str]) -> list[str]:
     """The job's overrides for its requeued run: ``ckpt_path=auto`` (this job directory's
     ``last.ckpt``), unless the job wrote none yet and was given its own ``ckpt_path``."""
-    if STATE.last_ckpt is not None and not STATE.last_ckpt.is_file():
-        given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "ckpt_path"]
-        if given and given[-1].split("=", 1)[1] not in ("null", "auto", "last"):
-            return list(overrides)  # nothing trained here yet: start again from that one
+    own = STATE.last_ckpt is not None and STATE.last_ckpt.is_file()
+    given = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "ckpt_path"]
+    if not own and given and given[-1].split("=", 1)[1] not in ("null", "auto", "last"):
+        return list(overrides)  # nothing trained here yet: start again from that one
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") != "ckpt_path"]
     return [*kept, "ckpt_path=auto"]

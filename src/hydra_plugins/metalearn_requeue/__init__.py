@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-try:
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+try:  # the module, not the class: Hydra registers every launcher class named here
+    from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 except ImportError:  # pip install -e ".[slurm]"
-    SlurmLauncher = None
+    submitit_launcher = None
 
-if SlurmLauncher is not None:
+if submitit_launcher is not None:
 
-    class RequeueSlurmLauncher(SlurmLauncher):
+    class RequeueSlurmLauncher(submitit_launcher.SlurmLauncher):
         """Runs each job as a requeueable one; ``checkpoint()`` (called by submitit on the time
         limit or preemption) resubmits it with ``ckpt_path=auto`` in the same directory."""
 
