@@ -154,7 +154,7 @@ def wandb_logger(
     offline = wandb_offline(offline)
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
-        kwargs["mode"] = "offline"
+        kwargs.setdefault("mode", "offline")
     Path(kwargs.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
     import wandb
 

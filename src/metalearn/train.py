@@ -101,7 +101,10 @@ def run(cfg: DictConfig) -> dict:
             cfg.trainer,
             logger=loggers or False,
             callbacks=[
-                *[checkpoint, last, stopper, *progress_bar(cfg)],
+                checkpoint,
+                last,
+                stopper,
+                *progress_bar(cfg),
                 *logger_callbacks(loggers),  # W&B run id in checkpoints; last step logged
                 *requeue_callbacks(stopper.last_path),  # hydra/launcher=slurm: time limits
             ],
