@@ -97,13 +97,15 @@ TINY = [
 ]
 
 
-def compose_cfg(output_dir, overrides=(), tiny=True):
+def compose_cfg(output_dir, overrides=(), tiny=True, **kwargs):
     """Compose the real conf/train.yaml as train.py would (plus tiny settings)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(
-            "train", overrides=[*(TINY if tiny else []), f"output_dir={output_dir}", *overrides]
+            "train",
+            overrides=[*(TINY if tiny else []), f"output_dir={output_dir}", *overrides],
+            **kwargs,
         )
 
 
@@ -162,10 +164,24 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
     while (records := complete()) is None:
         assert time.monotonic() < deadline, f"{log} has no exit record after {timeout} s"
         time.sleep(0.2)
-    run, config, summary, exit_code = None, {}, {}, None
+    run, config, summary, exit_code, artifacts, steps = None, {}, {}, None, [], []
     for rec in records:
         kind = rec.WhichOneof("record_type")
-        if kind == "run":
+        if kind == "artifact":
+            artifacts.append(
+                {
+                    "name": rec.artifact.name,
+                    "aliases": set(rec.artifact.aliases),
+                    "metadata": json.loads(rec.artifact.metadata or "{}"),
+                    "digests": {e.path: e.digest for e in rec.artifact.manifest.contents},
+                }
+            )
+        elif kind == "history":
+            row = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item
+            }
+            steps.append(row.get("trainer/global_step"))
+        elif kind == "run":
             run = rec.run
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
@@ -180,6 +196,7 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
             )
     return {
         "id": run.run_id,
+        "entity": run.entity,
         "group": run.run_group,
         "job_type": run.job_type,
         "tags": list(run.tags),
@@ -187,4 +204,6 @@ def read_offline_run(run_dir: Path, timeout: float = 60.0) -> dict:
         "config": config,
         "summary": summary,
         "exit_code": exit_code,
+        "artifacts": artifacts,
+        "global_steps": steps,  # trainer/global_step of each history row
     }

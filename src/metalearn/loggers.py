@@ -1,22 +1,32 @@
-"""Logger factories: W&B that never hangs without network or API key, one run per sweep job.
+"""Loggers: W&B that never hangs without network or API key, one run per job; the loggers
+of ``logger=[...]`` built and given the run's config; the last step of a fit always logged.
 
-Each job of a sweep is its own W&B run: ``group`` = the sweep directory (override with
-``logger.wandb.group=NAME``), ``job_type`` = the algorithm, tags = algo, dataset, N-way, K-shot.
-The config is logged flat (``"algo.inner_lr": 0.4``, the keys of the command line), plus the
-job's number, overrides and directory, so W&B's parallel coordinates and group-by work on any
-key. The summary holds the last value of every logged metric: ``test/acc``,
-``test/acc_ci95``, ``val/acc_best``. Offline, the run lands in ``<job dir>/wandb/offline-run-*``
-(upload later with ``wandb sync <job dir>/wandb/offline-run-*``).
+W&B, as its Hydra guide prescribes: the config is logged nested (``{"algo": {"inner_lr": 0.4}}``,
+shown as ``algo.inner_lr`` in the UI), plus the Hydra job's number, overrides and directory
+under ``job``. Each job of a sweep is its own run: ``group`` = the sweep directory (override with
+``logger.wandb.group=NAME``), ``job_type`` = what the run does (``train``), tags = algo,
+dataset, N-way, K-shot. The summary holds the last value of every logged metric
+(``test/acc``, ``test/acc_ci95``, ``val/acc_best``). Offline, the run lands in
+``<job dir>/wandb/offline-run-*`` (upload later with ``wandb sync <job dir>/wandb/offline-run-*``).
+Checkpoints record the W&B run id, so resuming from one continues the same run.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import netrc
 import os
+from argparse import Namespace
 from pathlib import Path
 
+import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 
 def wandb_has_credentials() -> bool:
@@ -52,18 +62,6 @@ def sweep_group() -> str | None:
     return str(Path(hc.sweep.dir)).replace(os.sep, "/")
 
 
-def flatten(params: dict, prefix: str = "") -> dict:
-    """``{"algo": {"inner_lr": 0.4}}`` -> ``{"algo.inner_lr": 0.4}`` (lists stay values)."""
-    flat = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def job_info() -> dict:
     """The Hydra job behind this run: number, overrides, directory (empty outside Hydra)."""
     try:
@@ -73,38 +71,192 @@ def job_info() -> dict:
     except (ImportError, ValueError):
         return {}
     return {
-        "job.num": hc.job.get("num"),
-        "job.overrides": " ".join(hc.overrides.task),
-        "job.dir": hc.runtime.output_dir,
+        "num": hc.job.get("num"),
+        "overrides": " ".join(hc.overrides.task),
+        "dir": hc.runtime.output_dir,
     }
 
 
-class SweepWandbLogger(WandbLogger):
-    """``WandbLogger`` that logs the (nested) run config flat, plus the Hydra job's identity."""
+class RunWandbLogger(WandbLogger):
+    """``WandbLogger`` that logs the run's config nested, as W&B's Hydra guide does
+    (``wandb.config = OmegaConf.to_container(cfg, resolve=True)``), plus the Hydra job under
+    ``job``. (The parameters are a resolved config, plain values already: none of the private
+    Lightning helpers that sanitise arbitrary hparams is needed.)"""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._watched: dict = {}  # checkpoint callbacks whose files log_model uploads
+        self._uploaded: dict = {}  # path -> modification time of the version uploaded
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
-        from lightning.fabric.utilities.logger import (
-            _convert_json_serializable,
-            _convert_params,
-            _sanitize_callable_params,
-        )
+        if isinstance(params, Namespace):
+            params = vars(params)
+        if OmegaConf.is_config(params):
+            params = OmegaConf.to_container(params, resolve=True)
+        params = dict(params)
+        if job := job_info():
+            params["job"] = job
+        self.experiment.config.update(params, allow_val_change=True)
 
-        params = flatten(_convert_params(params))
-        params = _convert_json_serializable(_sanitize_callable_params(params))
-        self.experiment.config.update({**params, **job_info()}, allow_val_change=True)
+    # log_model: Lightning's own would label last.ckpt "best" (it is the best of its own
+    # callback, which monitors nothing), so the checkpoints are logged here, by role.
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        if not self._log_model:
+            return
+        self._watched[id(checkpoint_callback)] = checkpoint_callback
+        if self._log_model == "all":
+            self.log_checkpoints()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if status == "success" and self._log_model and self._experiment is not None:
+            self.log_checkpoints()
+
+    @rank_zero_only
+    def log_checkpoints(self) -> None:
+        """Each checkpoint written since the last call, as a version of the ``model-<run id>``
+        artifact with alias ``best`` (by ``val/acc``) or ``last``, and ``latest``."""
+        import wandb
+
+        for callback in self._watched.values():
+            path = callback.best_model_path
+            written = Path(path).stat().st_mtime if path and Path(path).is_file() else None
+            if written is None or self._uploaded.get(path) == written:
+                continue
+            role = "best" if callback.monitor else "last"
+            artifact = wandb.Artifact(
+                f"model-{self.experiment.id}",
+                type="model",
+                metadata={"file": Path(path).name, "role": role, "score": score(callback)},
+            )
+            artifact.add_file(path, name="model.ckpt")
+            self.experiment.log_artifact(artifact, aliases=[role, "latest"])
+            self._uploaded[path] = written
 
 
-def wandb_logger(offline: bool | str = "auto", group: str | None = None, **kwargs) -> WandbLogger:
-    """A ``WandbLogger`` that runs offline when no credentials or ``WANDB_MODE=offline``."""
+def score(callback) -> float | None:
+    value = callback.best_model_score
+    return None if value is None else float(value)
+
+
+def wandb_logger(
+    offline: bool | str = "auto",
+    group: str | None = None,
+    log_model: bool | str = False,
+    **kwargs,
+) -> WandbLogger:
+    """A ``WandbLogger`` that runs offline when no credentials or ``WANDB_MODE=offline``.
+
+    ``log_model`` works offline too: the checkpoints are stored in the offline run and
+    uploaded by ``wandb sync`` (Lightning refuses ``offline=True`` with ``log_model``, so the
+    offline mode is given to ``wandb.init`` directly)."""
     offline = wandb_offline(offline)
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
+        kwargs.setdefault("mode", "offline")
     Path(kwargs.get("save_dir", ".")).mkdir(parents=True, exist_ok=True)
     import wandb
 
     if wandb.run is not None:  # left open by an earlier job in this (joblib worker) process:
         wandb.finish()  # WandbLogger would log this job into it
-    return SweepWandbLogger(
-        offline=offline, group=group or sweep_group(), reinit="finish_previous", **kwargs
+    return RunWandbLogger(
+        offline=offline and not log_model,
+        log_model=log_model,
+        group=group or sweep_group(),
+        reinit="finish_previous",
+        **kwargs,
     )
+
+
+WANDB_TARGETS = ("metalearn.loggers.wandb_logger", "lightning.pytorch.loggers.WandbLogger")
+
+
+def build_loggers(cfg: DictConfig, ckpt_path: str | None = None, build=None) -> list:
+    """The loggers of ``cfg.logger`` (``logger=[wandb,csv]``: one per entry), each given the
+    run's resolved config. Resuming from ``ckpt_path``, a W&B logger without an explicit
+    ``id`` continues the run recorded in that checkpoint."""
+    from hydra.utils import instantiate
+
+    build = build or instantiate
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        extra = {}
+        if node.get("_target_") in WANDB_TARGETS and not node.get("id") and ckpt_path:
+            if run_id := wandb_run_in(ckpt_path):
+                log.info("resuming from %s: continuing its W&B run %s", ckpt_path, run_id)
+                extra["id"] = run_id
+        loggers.append(build(node, **extra))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return loggers
+
+
+def logger_callbacks(loggers) -> list:
+    """Callbacks the loggers need: the W&B run id in each checkpoint, the last step logged."""
+    wandb_runs = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    return [LogLastStep(), *([WandbRunInCheckpoint(wandb_runs[0])] if wandb_runs else [])]
+
+
+class WandbRunInCheckpoint(L.Callback):
+    """Records the W&B run in every checkpoint (``checkpoint["wandb"]["id"]``), so that
+    ``ckpt_path=...`` (a resumed or requeued job) logs into the same run, not a new one."""
+
+    def __init__(self, logger: WandbLogger) -> None:
+        self.logger = logger
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.logger.version:
+            checkpoint["wandb"] = {"id": self.logger.version}
+
+
+def wandb_run_in(ckpt_path: str) -> str | None:
+    """The W&B run id a checkpoint recorded (None: none, or not a readable checkpoint)."""
+    try:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # check_resume names an unreadable checkpoint; nothing to continue here
+        return None
+    return (saved.get("wandb") or {}).get("id")
+
+
+class LogLastStep(L.Callback):
+    """The last step of a fit always writes its train metrics.
+
+    Lightning writes step metrics every ``trainer.log_every_n_steps`` steps only, so a fit
+    whose length is not a multiple of it ends without its final ``train/*`` values, and one
+    shorter than it (``trainer.max_steps=5`` with the default 10) logs none at all. For the
+    final step, logging is made due (``log_every_n_steps = 1``; the module then computes its
+    logging-step diagnostics too), and set back before validation and at the end."""
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        last = final_step(trainer)
+        if last is not None and trainer.global_step + 1 == last and self._every is None:
+            self._every, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
+
+    def _restore(self, trainer) -> None:
+        if self._every is not None:
+            trainer.log_every_n_steps, self._every = self._every, None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._restore(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore(trainer)
+
+
+def final_step(trainer) -> int | None:
+    """The outer step a fit ends at (``max_steps``, else the epochs' batches), None if endless."""
+    if trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    total = trainer.estimated_stepping_batches
+    return int(total) if math.isfinite(total) else None

@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from metalearn import checks
 from metalearn.errors import ConfigError, MetalearnError, NonFiniteLossError
 from metalearn.interrupt import StopOnInterrupt
+from metalearn.loggers import build_loggers, logger_callbacks
+from metalearn.requeue import cluster_plugins, requeue_callbacks
 from metalearn.utils import finish_loggers, log_through_hydra, print_config_tree
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,6 @@ def unknown_key_error(node, key: str) -> ConfigError:
     )
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    flat = OmegaConf.to_container(cfg, resolve=True)
-    flat.pop("hydra", None)
-    for logger in loggers:
-        logger.log_hyperparams(flat)
-    return loggers
-
-
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; write ``metrics.json`` into ``cfg.output_dir``."""
     start = time.time()
@@ -103,12 +96,19 @@ def run(cfg: DictConfig) -> dict:
             check_resume(ckpt_path, algo.run_config)
         checkpoint, last = checkpoint_callbacks(out / "checkpoints")
         stopper = StopOnInterrupt(last_path=out / "checkpoints" / "last.ckpt")
-        loggers = build_loggers(cfg)
+        loggers = build_loggers(cfg, ckpt_path, build=build)
         trainer = build(
             cfg.trainer,
             logger=loggers or False,
-            callbacks=[checkpoint, last, stopper, *progress_bar(cfg)],
-            plugins=[AtomicCheckpointIO()],
+            callbacks=[
+                checkpoint,
+                last,
+                stopper,
+                *progress_bar(cfg),
+                *logger_callbacks(loggers),  # W&B run id in checkpoints; last step logged
+                *requeue_callbacks(stopper.last_path),  # hydra/launcher=slurm: time limits
+            ],
+            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
             default_root_dir=str(out),
         )
         try:

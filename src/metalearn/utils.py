@@ -35,7 +35,7 @@ def finish_loggers(loggers, failed: bool = False) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers or []:
-        if isinstance(logger, WandbLogger):  # incl. metalearn.loggers.SweepWandbLogger
+        if isinstance(logger, WandbLogger):  # incl. metalearn.loggers.RunWandbLogger
             import wandb
 
             logger.finalize("failed" if failed else "success")
