@@ -5,6 +5,8 @@ that agree across engines on a meta-batch of unequal episodes."""
 
 from __future__ import annotations
 
+import csv
+import json
 from functools import partial
 
 import numpy as np
@@ -19,6 +21,7 @@ from metalearn.engines.func import FuncEngine
 from metalearn.engines.higher import HigherEngine
 from metalearn.engines.vmap import VmapEngine
 from metalearn.errors import ConfigError
+from metalearn.report import report, shape_bins
 from metalearn.train import run
 from tests.helpers import ALGOS, compose_cfg, random_episodes, tiny_net
 
@@ -299,3 +302,40 @@ def test_protonet_learns_on_varying_episodes(tmp_path, data_root):
     table = metrics["test/by_episode"]
     chance = float(np.mean([1 / w for w in table["ways"]]))
     assert metrics["test/acc"] > chance + 0.4, (metrics["test/acc"], chance)
+
+
+# ---- the report -----------------------------------------------------------------------------
+def test_report_bins_a_varying_runs_accuracy_by_ways_and_by_shots(tmp_path):
+    fixed = {"status": "ok", "algo": "protonet", "dataset": "omniglot", "ways": 5, "shots": 1}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "metrics.json").write_text(
+        json.dumps({**fixed, "episodes": "fixed", "test/acc": 0.9, "test/acc_ci95": 0.01})
+    )
+    by_episode = {
+        "acc": [1.0, 0.0, 0.5, 0.25, 0.75],
+        "ways": [5, 9, 12, 25, 50],
+        "shots": [1.0, 1.5, 3.0, 10.0, 3.9],
+    }
+    varying = {**fixed, "episodes": "metadataset", "test/acc": 0.5, "test/acc_ci95": 0.3}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "metrics.json").write_text(
+        json.dumps({**varying, "test/by_episode": by_episode})
+    )
+    out = report(tmp_path, plot=False, echo=False)
+    assert out["columns"] == [(0, 0, "metadataset"), (5, 1)]
+    (row,) = out["rows"]
+    assert out["cells"][(row, (0, 0, "metadataset"))].text() == "50.0 ± 30.0"
+    bins = shape_bins(out["cells"][(row, (0, 0, "metadataset"))].runs[0])
+    assert {k: (round(m, 4), n) for k, (m, _, n) in bins.items()} == {
+        "ways 5-9": (0.5, 2),
+        "ways 10-19": (0.5, 1),
+        "ways 20-29": (0.25, 1),
+        "ways 40+": (0.75, 1),
+        "shots 1": (0.5, 2),
+        "shots 2-3": (0.625, 2),
+        "shots 10+": (0.25, 1),
+    }
+    text = (tmp_path / "results.md").read_text()
+    assert "metadataset episodes" in text and "ways 5-9" in text and "50.0 ± 98.0 (2)" in text
+    rows = list(csv.DictReader((tmp_path / "by_shape.csv").open()))
+    assert len(rows) == 7 and rows[0]["bin"] == "ways 5-9" and rows[0]["episodes"] == "2"
