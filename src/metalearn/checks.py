@@ -20,6 +20,7 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(mbs, int) or mbs < 1:
         raise ConfigError(f"algo.meta_batch_size={mbs!r} must be a positive integer")
     check_train_ways(cfg)
+    check_episode_heads(cfg)
     if cfg.trainer.get("inference_mode", True):
         raise ConfigError(
             "trainer.inference_mode must be false: adaptation at validation/test needs "
@@ -65,3 +66,20 @@ def check_train_ways(cfg: DictConfig) -> None:
             f" classifies with a {cfg.ways}-way head: set data.train_ways=null (or use an algo"
             " without a head: protonet, matching, relation, siamese)"
         )
+
+
+def check_episode_heads(cfg: DictConfig) -> None:
+    """Episodes whose number of classes varies need a head built per episode: an algorithm
+    with a head and ``algo.head_init=auto`` gets Proto-MAML's prototype heads; ``trained``
+    (one fixed-width head) cannot serve them."""
+    mode = cfg.data.get("episodes", "fixed")
+    init = cfg.algo.get("head_init")
+    if mode == "fixed" or init is None:
+        return
+    if init == "trained":
+        raise ConfigError(
+            f"data.episodes={mode} varies the number of classes, but algo.head_init=trained "
+            "keeps one fixed-width head: use algo.head_init=prototypes or zeros (or auto)"
+        )
+    if init == "auto":
+        cfg.algo.head_init = "prototypes"

@@ -98,7 +98,7 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
 
     from metalearn.algorithms.heads import check_head_init
     from metalearn.learner import load
-    from metalearn.train import build, run_info, write_metrics
+    from metalearn.train import build, by_episode, run_info, write_metrics
 
     start = time.time()
     check_head_init(head_init)
@@ -139,6 +139,7 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         "queries": datamodule.queries,
         "test/acc": float(logged["test/acc"]),
         "test/acc_ci95": float(logged["test/acc_ci95"]),
+        **by_episode(learner),
         "test_episodes": datamodule.test_episodes,
         "head_init": head_init,
         "checkpoint": str(Path(ckpt).resolve()),

@@ -21,6 +21,11 @@ failures are also printed.
 
 For one's own analysis, ``frame(DIR)`` returns the runs as a pandas DataFrame (one row per run).
 
+Runs on episodes of varying shape (``data.episodes=range|metadataset``) get a column of their
+own (``metadataset episodes``) and a second table: their test accuracy binned by the episodes'
+number of classes and by their support images per class (``BY_WAYS`` / ``BY_SHOTS``), each
+bin's mean ± 95 % CI over its episodes, with the count of episodes; also ``by_shape.csv``.
+
 Failed jobs: a ``metrics.json`` with ``status: failed`` (or ``interrupted``: Ctrl-C) and its
 ``error``; a job directory (one with ``.hydra/``) without ``metrics.json`` (killed, out of
 memory, still running) shows the last error line of its log.
@@ -93,7 +98,11 @@ class Run:
         return f"evaluation of {t.get('dataset')} {t.get('ways')}w{t.get('shots')}s"
 
     @property
-    def column(self) -> tuple[int, int]:
+    def column(self) -> tuple:
+        """(ways, shots); (0, 0, mode) for episodes of varying shape (``data.episodes``)."""
+        mode = self.get("episodes", "fixed")
+        if mode != "fixed":
+            return 0, 0, str(mode)
         return int(self.get("ways", 0)), int(self.get("shots", 0))
 
 
@@ -344,8 +353,101 @@ def row_label(row: tuple) -> str:
     return f"{label} [{variant}]" if variant else label
 
 
-def col_label(col: tuple[int, int]) -> str:
+def col_label(col: tuple) -> str:
+    if len(col) == 3:
+        return f"{col[2]} episodes"
     return f"{col[0]}-way {col[1]}-shot"
+
+
+# ---- accuracy by the episodes' shape (varying ways and shots) ------------------------------
+BY_WAYS = ((2, 4), (5, 9), (10, 19), (20, 29), (30, 39), (40, 10**6))
+BY_SHOTS = ((1, 2), (2, 4), (4, 7), (7, 10), (10, 10**6))  # [low, high) support per class
+
+
+def bin_label(low, high, half_open: bool) -> str:
+    last = high - 1 if half_open else high
+    if high >= 10**6:
+        return f"{low}+"
+    return f"{low}" if last == low else f"{low}-{last}"
+
+
+def shape_bins(run: Run) -> dict[str, tuple[float, float, int]]:
+    """``"ways 5-9"`` / ``"shots 2-3"`` -> (mean accuracy, 95 % CI, episodes) of a run's test
+    episodes (``test/by_episode``); shots are an episode's support images per class (a mean
+    where its classes differ)."""
+    table = run.get("test/by_episode") or {}
+    accs, ways, shots = (table.get(k, []) for k in ("acc", "ways", "shots"))
+    out = {}
+    for name, values, bins, half_open in (
+        ("ways", ways, BY_WAYS, False),
+        ("shots", shots, BY_SHOTS, True),
+    ):
+        for low, high in bins:
+            inside = [
+                a
+                for a, v in zip(accs, values, strict=True)
+                if low <= v < high or (not half_open and v == high)
+            ]
+            if inside:
+                n = len(inside)
+                mean = sum(inside) / n
+                std = math.sqrt(sum((a - mean) ** 2 for a in inside) / (n - 1)) if n > 1 else 0.0
+                out[f"{name} {bin_label(low, high, half_open)}"] = (mean, 1.96 * std / n**0.5, n)
+    return out
+
+
+def shape_table(runs: list[Run]) -> tuple[list[str], list[tuple[str, dict]]]:
+    """(bin names, [(run label, bins)]) for the runs with per-episode test results."""
+    rows = [
+        (f"{row_label(r.row)} ({col_label(r.column)})", shape_bins(r))
+        for r in runs
+        if r.ok and r.get("test/by_episode")
+    ]
+    names = [n for n in (f"ways {bin_label(*b, False)}" for b in BY_WAYS)] + [
+        f"shots {bin_label(*b, True)}" for b in BY_SHOTS
+    ]
+    names = [n for n in names if any(n in bins for _, bins in rows)]
+    return names, rows
+
+
+def shape_text(value: tuple[float, float, int] | None) -> str:
+    if value is None:
+        return ""
+    mean, ci, n = value
+    return f"{100 * mean:.1f} ± {100 * ci:.1f} ({n})"
+
+
+def shape_markdown(runs: list[Run]) -> str:
+    names, rows = shape_table(runs)
+    if not rows:
+        return ""
+    lines = [
+        "## Accuracy by the episodes' ways and shots",
+        "",
+        "Runs on episodes of varying shape: test accuracy (%) ± 95 % CI over the test episodes"
+        " of each bin (their count in brackets); shots = support images per class.",
+        "",
+        "| run | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for label, bins in rows:
+        lines.append(f"| {label} | " + " | ".join(shape_text(bins.get(n)) for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_shape_csv(path: Path, runs: list[Run]) -> bool:
+    names, rows = shape_table(runs)
+    if not rows:
+        return False
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "bin", "acc", "acc_ci95", "episodes"])
+        for label, bins in rows:
+            for name in names:
+                if name in bins:
+                    mean, ci, n = bins[name]
+                    w.writerow([label, name, f"{mean:.6f}", f"{ci:.6f}", n])
+    return True
 
 
 def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) -> str:
@@ -360,7 +462,10 @@ def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) ->
     for row in rows:
         texts = [cells[(row, c)].text() if (row, c) in cells else "" for c in cols]
         lines.append(f"| {row_label(row)} | " + " | ".join(texts) + " |")
-    lines += ["", failure_markdown(failures, root)]
+    by_shape = shape_markdown(
+        [r for row in rows for c in cols for r in cells.get((row, c), Cell([])).runs]
+    )
+    lines += ["", *([by_shape] if by_shape else []), failure_markdown(failures, root)]
     return "\n".join(lines) + "\n"
 
 
@@ -406,6 +511,7 @@ def write_csv(path: Path, rows, cols, cells, metric: str) -> None:
                 metric,
                 f"{metric}_ci95",
                 "cell",
+                "episodes",
             ]
         )
         for row in rows:
@@ -413,15 +519,17 @@ def write_csv(path: Path, rows, cols, cells, metric: str) -> None:
                 cell = cells.get((row, col))
                 if cell is None:
                     continue
+                varying = len(col) == 3
                 w.writerow(
                     [
                         *row,
-                        *col,
+                        *(("", "") if varying else col),
                         cell.n,
                         cell.failed,
                         "" if cell.mean is None else f"{cell.mean:.6f}",
                         "" if cell.ci95 is None else f"{cell.ci95:.6f}",
                         cell.text(),
+                        col[2] if varying else "fixed",
                     ]
                 )
 
@@ -553,6 +661,8 @@ def report(
     files = {"markdown": out / "results.md", "csv": out / "results.csv"}
     files["markdown"].write_text(markdown(rows, cols, cells, failures, metric, root))
     write_csv(files["csv"], rows, cols, cells, metric)
+    if write_shape_csv(out / "by_shape.csv", runs):
+        files["by_shape"] = out / "by_shape.csv"
     if plot and plot_curves(runs, out / "learning_curves.png"):
         files["curves"] = out / "learning_curves.png"
     if echo:
@@ -585,6 +695,15 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
             *[cells[(row, c)].text() if (row, c) in cells else "" for c in cols],
         )
     console.print(t)
+    names, shape_rows = shape_table([r for cell in cells.values() for r in cell.runs])
+    if shape_rows:
+        by = Table(title="accuracy (%) by the episodes' ways and shots ± 95 % CI (episodes)")
+        by.add_column("run")
+        for name in names:
+            by.add_column(name, justify="right")
+        for label, bins in shape_rows:
+            by.add_row(escape(label), *[shape_text(bins.get(n)) for n in names])
+        console.print(by)
     if failures:
         f = Table(title=f"failed jobs ({len(failures)})", title_style="bold red")
         for name in ("job", "setting", "error"):

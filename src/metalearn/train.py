@@ -339,6 +339,7 @@ def run_info(cfg: DictConfig) -> dict:
         "ways": cfg.ways,
         "shots": cfg.shots,
         "queries": cfg.queries,
+        "episodes": cfg.data.get("episodes", "fixed"),
         "seed": cfg.seed,
         "engine": cfg.engine._target_.rsplit(".", 1)[-1].removesuffix("Engine").lower(),
         "samples_per_class": cfg.data.get("samples_per_class"),
@@ -355,6 +356,7 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
     return {
         "status": "ok",
         **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
+        **by_episode(algo),
         "val/acc_best": algo.val_best,
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,
@@ -363,6 +365,13 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         "best_checkpoint": best or "",
         "curve": algo.history,
     }
+
+
+def by_episode(algo) -> dict:
+    """Test episodes of varying shapes: each one's ways, shots and accuracy (the report bins
+    them by ways and by shots)."""
+    table = getattr(algo, "test_by_episode", None)
+    return {"test/by_episode": table} if table else {}
 
 
 def write_metrics(out: Path, metrics: dict) -> None:

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from metalearn.data.episodes import Episodes
 from metalearn.errors import ConfigError, NonFiniteLossError
 from metalearn.models.protocol import check_backbone
 
@@ -56,6 +57,16 @@ def cosine_factor(step: int, total: int, base: float, min_lr: float = 0.0) -> fl
     return (min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))) / base
 
 
+def episode_table(rows: torch.Tensor) -> dict:
+    """(accuracy, ways, shots) rows as metrics.json's ``test/by_episode`` lists."""
+    rows = rows.double().cpu()
+    return {
+        "acc": [round(float(v), 6) for v in rows[:, 0]],
+        "ways": [int(v) for v in rows[:, 1]],
+        "shots": [round(float(v), 4) for v in rows[:, 2]],
+    }
+
+
 class EpisodicModule(L.LightningModule):
     """Base class. Subclasses implement ``training_step`` and ``evaluate(episodes)``."""
 
@@ -85,7 +96,8 @@ class EpisodicModule(L.LightningModule):
         self.validated = 0  # validation epochs run by this process (not saved in checkpoints)
         self.run_config: dict | None = None  # the run's composed config, set by train.run
         self.preprocessing: dict | None = None  # how images become inputs (data/transforms.py)
-        self._eval_accs: list[torch.Tensor] = []
+        self._eval_accs: list[torch.Tensor] = []  # per batch: [B, 3] (acc, ways, shots)
+        self.test_by_episode: dict | None = None  # varying shapes: each test episode's
         self._first_step = 0  # the first outer step of this fit
         self._log_step = True  # whether this training step logs (see log_train)
 
@@ -105,9 +117,16 @@ class EpisodicModule(L.LightningModule):
         raise NotImplementedError
 
     def evaluate(self, episodes) -> torch.Tensor:
-        """Query accuracy per episode [B]."""
+        """Query accuracy per episode [B] (episodes of one shape or ragged)."""
         logits = self.query_logits(episodes)
-        return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+        if torch.is_tensor(logits):
+            return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+        return torch.stack(
+            [
+                (z.argmax(-1) == y).float().mean()
+                for z, y in zip(logits, episodes.query_y, strict=True)
+            ]
+        )
 
     # ---- a trained model in use (metalearn/learner.py) ---------------------------------
     def adapt(self, images, labels, **options):
@@ -250,7 +269,11 @@ class EpisodicModule(L.LightningModule):
 
     def _eval_step(self, episodes) -> None:
         with torch.enable_grad():
-            self._eval_accs.append(self.evaluate(episodes).detach().float())
+            accs = self.evaluate(episodes).detach().float()
+        # each episode's shape beside its accuracy: (acc, ways, shots per class)
+        episodes = Episodes(*episodes)
+        shape = torch.tensor([episodes.ways(), episodes.shots()], dtype=accs.dtype).T
+        self._eval_accs.append(torch.cat([accs[:, None], shape.to(accs.device)], 1))
 
     def on_validation_epoch_start(self) -> None:
         self._eval_accs = []
@@ -258,19 +281,24 @@ class EpisodicModule(L.LightningModule):
     on_test_epoch_start = on_validation_epoch_start
 
     def _gathered_accs(self) -> torch.Tensor:
-        accs = torch.cat(self._eval_accs) if self._eval_accs else torch.zeros(0)
-        accs = accs.to(self.device)
+        """Every evaluated episode's accuracy [N] (all ranks')."""
+        return self._gathered_rows()[:, 0]
+
+    def _gathered_rows(self) -> torch.Tensor:
+        """Every evaluated episode's (accuracy, ways, shots per class) [N, 3] (all ranks')."""
+        rows = torch.cat(self._eval_accs) if self._eval_accs else torch.zeros(0, 3)
+        rows = rows.to(self.device)
         self._eval_accs = []
         if self.trainer.world_size > 1:
             # DDP: ranks hold disjoint shares of the episodes, whose sizes may differ by one
             # (N episodes split with array_split). all_gather needs equal shapes: pad each
             # share to the largest, gather, keep each rank's real entries -> exactly N.
-            counts = self.all_gather(torch.tensor(accs.numel(), device=self.device)).flatten()
-            padded = accs.new_zeros(int(counts.max()))
-            padded[: accs.numel()] = accs
-            gathered = self.all_gather(padded).reshape(len(counts), -1)
-            accs = torch.cat([row[: int(n)] for row, n in zip(gathered, counts, strict=True)])
-        return accs
+            counts = self.all_gather(torch.tensor(len(rows), device=self.device)).flatten()
+            padded = rows.new_zeros(int(counts.max()), 3)
+            padded[: len(rows)] = rows
+            gathered = self.all_gather(padded).reshape(len(counts), -1, 3)
+            rows = torch.cat([row[: int(n)] for row, n in zip(gathered, counts, strict=True)])
+        return rows
 
     def on_validation_epoch_end(self) -> None:
         accs = self._gathered_accs()
@@ -294,8 +322,12 @@ class EpisodicModule(L.LightningModule):
         )
 
     def on_test_epoch_end(self) -> None:
-        acc, ci = mean_ci95(self._gathered_accs())
+        rows = self._gathered_rows()
+        acc, ci = mean_ci95(rows[:, 0])
         self.log_dict({"test/acc": acc, "test/acc_ci95": ci}, sync_dist=False)
+        # episodes of varying shapes: each one's shape and accuracy, for the report's tables
+        varying = len(torch.unique(rows[:, 1:], dim=0)) > 1
+        self.test_by_episode = episode_table(rows) if varying else None
 
     # ---- checkpoint state beyond parameters -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

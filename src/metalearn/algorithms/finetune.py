@@ -24,7 +24,7 @@ from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.transforms import normalise
-from metalearn.engines.base import accuracy, check_inner_optimizer
+from metalearn.engines.base import accuracy, check_inner_optimizer, collect, is_ragged
 from metalearn.errors import ConfigError
 
 HEAD = ("head.weight", "head.bias")
@@ -102,8 +102,9 @@ class FineTune(EpisodicModule):
         return {"head.weight": weight, "head.bias": weight.new_zeros(ways)}
 
     def query_logits(self, episodes) -> torch.Tensor:
-        return torch.stack(
-            [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)]
+        return collect(
+            [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)],
+            is_ragged(episodes),
         )
 
     def episode_logits(self, sx, sy, qx) -> torch.Tensor:

@@ -17,6 +17,10 @@ One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``)
   they scale with the run instead of silently falling outside a short one (the paper's
   10 and 50 of 150 epochs are fractions 0.067 and 0.333).
 
+Episodes with another number of classes than the model's head (``data.episodes=range|
+metadataset``): each episode gets its own head (``head_init``: ``prototypes`` as Proto-MAML,
+Triantafillou et al. 2020, or ``zeros``; see algorithms/heads.py), in training and at test.
+
 Learned rates under first order (``first_order``, or MAML++'s first-order phase under ``da``):
 the support gradients are constants, and each rate still gets the gradient of the shift it
 scales (-g_t . dL/dphi), as in the MAML++ reference code (see engines/base.py). That needs
@@ -26,7 +30,6 @@ the plain SGD inner optimizer (``inner_optimizer=sgd``).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,7 +38,7 @@ from torch import nn
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule, run_length
 from metalearn.data.episodes import Episodes
-from metalearn.engines.base import InnerLoop
+from metalearn.engines.base import InnerLoop, collect
 from metalearn.errors import ConfigError
 from metalearn.models.norm import StepNorm
 
@@ -122,7 +125,9 @@ class GBML(EpisodicModule):
         alpha_lr: float = 1e-4,
         beta_lr: float = 1e-6,
         lslr: bool = False,
+        head_init: str = "auto",
     ):
+        heads.check_head_init(head_init)
         if lslr and inner_rates not in ("fixed", "lslr"):
             raise ConfigError(f"algo.lslr=true conflicts with algo.inner_rates={inner_rates}")
         inner_rates = "lslr" if lslr else inner_rates
@@ -157,6 +162,9 @@ class GBML(EpisodicModule):
         self.inner_optimizer = inner_optimizer
         self.msl, self.msl_fraction, self.da, self.da_fraction = msl, msl_fraction, da, da_fraction
         self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
+        self.train_head_init = head_init  # the training episodes' head (algorithms/heads.py)
+        if head_init in ("prototypes", "zeros"):
+            self.model.head.requires_grad_(False)  # every episode builds its own: unused
         norm = norm_parameters(self.model) if not adapt_norm else set()
         self.adapted = [
             n
@@ -258,40 +266,50 @@ class GBML(EpisodicModule):
             meta=False,
         )
 
+    def head_kind(self, episodes) -> str:
+        """How the episodes' heads start: ``trained`` (the model's head), ``prototypes`` or
+        ``zeros`` (built per episode); see algorithms/heads.py."""
+        init = self.head_init if self.head_init != "auto" else self.train_head_init
+        return heads.resolved(init, self.model, Episodes(*episodes).ways(), self.train_head_init)
+
     def training_step(self, episodes, batch_idx):
-        acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
-        out = self.run_engine(self.model, self.train_loop(), episodes)
+        kind = self.head_kind(episodes)
+        log_pre = self.logging_step() and kind == "trained"  # per-episode heads: no "before"
+        acc_pre = self.query_acc_before(episodes) if log_pre else None
+        out = self.run_engine(self.model, self.train_loop(), episodes, kind)
         self.outer_step(out.objective)
         self.log_train(loss=out.loss.mean(), acc=out.acc.mean(), acc_pre=acc_pre)
         if self.inner_rates == "hypergradient":
             self.log_train(alpha=self.rates["alpha"].detach(), beta=self.beta)
 
     def query_logits(self, episodes) -> torch.Tensor:
-        ways = int(episodes.support_y[0].max()) + 1
-        init = heads.resolved(self.head_init, self.model, ways)
-        if init == "trained":
-            return self.run_engine(self.model, self.eval_loop(), episodes).logits
-        logits = []
-        for episode in zip(*episodes, strict=True):
-            sx, sy = episode[:2]
-            model = heads.with_head(self.model, sx, sy, ways, init)
-            loop = replace(self.eval_loop(), lr=self.rate_for(model))
-            single = Episodes(*(t.unsqueeze(0) for t in episode))
-            logits.append(self.run_engine(model, loop, single).logits[0])
-        return torch.stack(logits)
+        kind = self.head_kind(episodes)
+        return self.run_engine(self.model, self.eval_loop(), episodes, kind).logits
 
     # ---- ANIL: the body's features once per task ----------------------------------------
-    def run_engine(self, model: nn.Module, loop: InnerLoop, episodes):
-        """The engine's inner loop on ``episodes``; when only the head adapts (ANIL), on the
-        body's features, computed once per task instead of at every inner step (the same
-        meta-gradients: tests/test_algorithms.py), which saves ANIL most of its time and of its
-        memory for the backward."""
+    def run_engine(self, model: nn.Module, loop: InnerLoop, episodes, head: str = "trained"):
+        """The engine's inner loop on ``episodes``, starting from the model's head
+        (``head="trained"``) or one built per episode (``prototypes`` / ``zeros``). When only
+        the head adapts (ANIL), on the body's features, computed once per task instead of at
+        every inner step (the same meta-gradients: tests/test_algorithms.py), which saves ANIL
+        most of its time and of its memory for the backward."""
+        episodes = Episodes(*episodes)
+        ways, ragged = episodes.ways(), episodes.ragged
+        dim = model.head.in_features
         if not self.features_once(model, loop):
-            return self.engine(model, loop, episodes)
+            initial = None
+            if head != "trained":
+                with torch.set_grad_enabled(loop.meta and torch.is_grad_enabled()):
+                    fs = [model.features(x) if head == "prototypes" else x for x in episodes[0]]
+                initial = heads.initial_heads(fs, episodes.support_y, ways, head, dim, loop.meta)
+            return self.engine(model, loop, episodes, initial)
         sx, sy, qx, qy = episodes
-        fs = torch.stack([model.features(x) for x in sx])
-        fq = torch.stack([model.features(x) for x in qx])
-        return self.engine(HeadOnly(model.head), loop, Episodes(fs, sy, fq, qy))
+        fs = collect([model.features(x) for x in sx], ragged)
+        fq = collect([model.features(x) for x in qx], ragged)
+        initial = None
+        if head != "trained":
+            initial = heads.initial_heads(fs, sy, ways, head, dim, loop.meta)
+        return self.engine(HeadOnly(model.head), loop, Episodes(fs, sy, fq, qy), initial)
 
     def features_once(self, model: nn.Module, loop: InnerLoop) -> bool:
         """Whether the body's features can be computed once per task: the head alone adapts,
@@ -305,20 +323,6 @@ class GBML(EpisodicModule):
         return not any(
             getattr(m, "mode", None) == "inductive" and m.training for m in model.modules()
         )
-
-    def rate_for(self, model: nn.Module):
-        """``inner_rate`` for ``model``, whose head may have another number of classes: a
-        head's per-element learned rates (Meta-SGD) become their mean over the trained classes
-        (the classes' labels were permuted in training, so no row is special)."""
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-
-        def rate(name: str, step: int):
-            r = self.inner_rate(name, step)
-            if torch.is_tensor(r) and r.dim() and r.shape != shapes[name]:
-                return r.mean(0, keepdim=True)
-            return r
-
-        return rate
 
     # ---- Alpha-MAML: hypergradient descent on alpha and beta -----------------------------
     def configure_optimizers(self):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from metalearn.algorithms.base import EpisodicModule
-from metalearn.engines.base import accuracy
+from metalearn.engines.base import accuracy, collect, is_ragged
 from metalearn.errors import ConfigError
 
 
@@ -111,6 +111,7 @@ class ProtoNet(EpisodicModule):
 
     def query_logits(self, episodes) -> torch.Tensor:
         with torch.no_grad():
-            return torch.stack(
-                [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)]
+            return collect(
+                [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)],
+                is_ragged(episodes),
             )

@@ -21,6 +21,11 @@ condition met at test time. Under "all", ``train/acc`` scores query images the i
 trained on (a fit accuracy, higher than held-out accuracy); ``val/acc`` is the held-out one.
 Evaluation fine-tunes on the support set for ``inner_steps_test`` steps and scores the query
 set.
+
+Episodes whose number of classes varies (``data.episodes=range|metadataset``): each task fits
+a head of its own (``head_init``: ``prototypes`` or ``zeros``, algorithms/heads.py) with the
+body, and the outer update moves the body only (a per-episode head has no theta to move);
+the inner optimizer's state carries over for the body's parameters.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from torch.func import functional_call
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
-from metalearn.engines.base import accuracy, check_inner_optimizer
+from metalearn.data.episodes import Episodes
+from metalearn.engines.base import accuracy, check_inner_optimizer, collect, is_ragged
 from metalearn.errors import ConfigError
 
 TASK_DATA = ("all", "support")
@@ -69,6 +75,11 @@ def gathered(state: dict) -> list[dict]:
     return states
 
 
+def body_state(state: dict) -> dict:
+    """The inner optimizer state of every parameter but the head's."""
+    return {n: s for n, s in state.items() if not n.startswith("head.")}
+
+
 def linear_factor(step: int, total: int, base: float) -> float:
     """eps annealed linearly from its configured value to 0 at ``total`` steps."""
     return max(0.0, 1.0 - step / total)
@@ -98,8 +109,10 @@ class Reptile(EpisodicModule):
         inner_batch_size: int | None = 10,
         task_data: str = "all",
         seed: int = 0,
+        head_init: str = "auto",
     ):
         check_inner_optimizer(inner_optimizer)
+        heads.check_head_init(head_init)
         if task_data not in TASK_DATA:
             raise ConfigError(f"algo.task_data={task_data!r}; choose one of {TASK_DATA}")
         if inner_steps < 1 or inner_steps_test < 1:
@@ -116,6 +129,9 @@ class Reptile(EpisodicModule):
         self.inner_batch_size, self.task_data, self.seed = inner_batch_size, task_data, seed
         self.inner_state: dict = {}  # parameter name -> inner optimizer state (see module doc)
         self.eval_state: dict | None = None  # evaluation's start under a Trainer: rank 0's
+        self.train_head_init = head_init  # the training episodes' head (algorithms/heads.py)
+        if head_init in ("prototypes", "zeros"):
+            self.model.head.requires_grad_(False)  # every episode builds its own: unused
 
     # ---- outer learning rate eps: linear annealing to 0 ---------------------------------
     def configure_optimizers(self):
@@ -164,22 +180,40 @@ class Reptile(EpisodicModule):
             state,
         )
 
+    def head_kind(self, episodes) -> str:
+        """How the episodes' heads start: the model's (``trained``) or one built per episode."""
+        init = self.head_init if self.head_init != "auto" else self.train_head_init
+        return heads.resolved(init, self.model, Episodes(*episodes).ways(), self.train_head_init)
+
+    def task_model(self, sx, sy, kind: str):
+        """The model a task fits: the learned one, or a copy with the episode's own head."""
+        if kind == "trained":
+            return self.model
+        return heads.with_head(self.model, sx, sy, int(sy.max()) + 1, kind)
+
     def training_step(self, episodes, batch_idx):
-        acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
+        kind = self.head_kind(episodes)
+        log_pre = self.logging_step() and kind == "trained"  # per-episode heads: no "before"
+        acc_pre = self.query_acc_before(episodes) if log_pre else None
         theta = {n: p.detach() for n, p in self.model.named_parameters()}
         shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
+        moved = [n for n in shift if kind == "trained" or not n.startswith("head.")]
         losses, accs = [], []
         for task, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             x, y = (
                 (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
             )
-            phi, loss = self.fit_task(self.inner_batches(x, y, task), self.inner_state)
+            model = self.task_model(sx, sy, kind)
+            state = self.inner_state if kind == "trained" else body_state(self.inner_state)
+            phi, loss = self.fit_task(self.inner_batches(x, y, task), state, model)
+            if kind != "trained":  # the episode's head state is moot beyond the episode
+                self.inner_state.update(body_state(state))
             self.check_finite(loss)
-            for n in shift:
+            for n in moved:
                 shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
             losses.append(loss)
             with torch.no_grad():
-                accs.append(accuracy(self.forward_with(phi, qx), qy))
+                accs.append(accuracy(functional_call(model, phi, (qx,)), qy))
         surrogate = sum((p * shift[n]).sum() for n, p in self.model.named_parameters())
         eps = self.optimizers().optimizer.param_groups[0]["lr"]
         self.outer_step(surrogate)
@@ -193,17 +227,15 @@ class Reptile(EpisodicModule):
     # ---- evaluation --------------------------------------------------------------------------
     def query_logits(self, episodes) -> torch.Tensor:
         logits, start = [], self.inner_state if self.eval_state is None else self.eval_state
-        ways = int(episodes.support_y[0].max()) + 1
-        init = heads.resolved(self.head_init, self.model, ways)
+        kind = self.head_kind(episodes)
         for sx, sy, qx in zip(*episodes[:3], strict=True):
-            model, state = self.model, dict(start)
-            if init != "trained":  # a new head: the trained head's optimizer state is moot
-                model = heads.with_head(self.model, sx, sy, ways, init)
-                state = {n: s for n, s in state.items() if not n.startswith("head.")}
+            model = self.task_model(sx, sy, kind)
+            # a new head: the trained head's optimizer state is moot
+            state = dict(start) if kind == "trained" else body_state(start)
             phi, _ = self.fit_task([(sx, sy)] * self.inner_steps_test, state, model)
             with torch.no_grad():
                 logits.append(functional_call(model, phi, (qx,)))
-        return torch.stack(logits)
+        return collect(logits, is_ragged(episodes))
 
     def on_validation_start(self) -> None:
         self.eval_state = from_rank_0(self.inner_state)

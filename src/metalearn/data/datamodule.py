@@ -12,6 +12,11 @@ the total count. With DDP each rank gets a contiguous share (the shares partitio
 Let the datamodule shard: run the Trainer with use_distributed_sampler=False. Under DDP the
 rank and world size come from the attached Trainer, and `meta_batch_size` is the global
 meta-batch: each rank draws meta_batch_size // world_size tasks (see metalearn.distributed).
+
+``episodes`` (fixed | range | metadataset, data/shapes.py): with a varying mode every episode,
+training or fixed, draws its own shape, and meta-batches are ragged ``Episodes`` (tuples of
+per-episode tensors). A split with ``episode_groups`` (Omniglot's ``within_alphabet``) draws
+each episode's classes from one group.
 """
 
 from __future__ import annotations
@@ -20,16 +25,20 @@ import math
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from metalearn.data.augment import Augment
 from metalearn.data.episodes import (
     EpisodeIndices,
     Episodes,
+    as_indices,
     materialise,
+    materialise_varying,
     sample_indices,
     seeded_rng,
 )
+from metalearn.data.shapes import EpisodeShapes, draw_episode
 from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.splits import Splits, check_disjoint
@@ -83,32 +92,55 @@ class TrainMetaBatches(Dataset):
         rank: int = 0,
         norm: tuple | None = None,
         augment: Augment | None = None,
+        shapes: EpisodeShapes | None = None,
+        groups: np.ndarray | None = None,
     ):
         self.classes, self.length, self.meta_batch_size = classes, length, meta_batch_size
         self.ways, self.shots, self.queries, self.seed, self.rank = ways, shots, queries, seed, rank
         self.norm, self.augment = norm, augment
+        self.shapes, self.groups = shapes, groups  # varying shapes / one group per episode
 
     def __len__(self) -> int:
         return self.length
 
-    def indices(self, index: int) -> EpisodeIndices:
+    def indices(self, index: int) -> EpisodeIndices | list:
         epoch, i = divmod(int(index), self.length)
         rng = seeded_rng(self.seed, self.rank, epoch, i)
         c = self.classes
+        if self.shapes is not None:
+            return [
+                draw_episode(rng, c.counts, self.shapes, self.groups)
+                for _ in range(self.meta_batch_size)
+            ]
         return sample_indices(
             rng, self.meta_batch_size, c.num_classes, c.counts, self.ways, self.shots, self.queries
         )
 
     def __getitem__(self, index: int) -> Episodes:
-        episodes = materialise(self.classes, self.indices(index), self.shots)
+        episodes = built(self.classes, self.indices(index), self.shots)
         if self.augment is not None and self.augment.active:
             epoch, i = divmod(int(index), self.length)
             rng = seeded_rng(self.seed, self.rank, epoch, i, AUGMENT_TAG)
             episodes = episodes._replace(
-                support_x=self.augment(episodes.support_x, rng),
-                query_x=self.augment(episodes.query_x, rng),
+                support_x=each(episodes.support_x, lambda x: self.augment(x, rng)),
+                query_x=each(episodes.query_x, lambda x: self.augment(x, rng)),
             )
         return normalised(episodes, self.norm)
+
+
+def built(classes: ClassImages, drawn, shots: int) -> Episodes:
+    """Episodes from ``EpisodeIndices`` or a list of ``shapes.Episode`` draws: regular when
+    the draws share one N-way K-shot shape (fixed episodes from one group), else ragged."""
+    if isinstance(drawn, EpisodeIndices):
+        return materialise(classes, drawn, shots)
+    if len({(ep.ways, *ep.shots, ep.queries) for ep in drawn}) == 1:
+        return materialise(classes, as_indices(drawn), int(drawn[0].shots[0]))
+    return materialise_varying(classes, drawn)
+
+
+def each(x, fn):
+    """``fn`` on a tensor, or on each tensor of a ragged field."""
+    return fn(x) if torch.is_tensor(x) else tuple(fn(t) for t in x)
 
 
 def normalised(episodes: Episodes, norm: tuple | None) -> Episodes:
@@ -116,14 +148,30 @@ def normalised(episodes: Episodes, norm: tuple | None) -> Episodes:
     if norm is None:
         return episodes
     return episodes._replace(
-        support_x=normalise(episodes.support_x, norm), query_x=normalise(episodes.query_x, norm)
+        support_x=each(episodes.support_x, lambda x: normalise(x, norm)),
+        query_x=each(episodes.query_x, lambda x: normalise(x, norm)),
     )
 
 
 def fixed_episode_indices(
-    classes: ClassImages, episodes, ways, shots, queries, eval_seed: int, split: str
-) -> EpisodeIndices:
-    """Indices of episodes 0..episodes-1 of `split`; episode e seeded by (eval_seed, split, e)."""
+    classes: ClassImages,
+    episodes,
+    ways,
+    shots,
+    queries,
+    eval_seed: int,
+    split: str,
+    shapes: EpisodeShapes | None = None,
+    groups: np.ndarray | None = None,
+) -> EpisodeIndices | list:
+    """Indices of episodes 0..episodes-1 of `split`; episode e seeded by (eval_seed, split, e).
+    With ``shapes`` (varying) or ``groups``: a list of ``shapes.Episode``, each its own shape."""
+    if shapes is not None:
+        return [
+            draw_episode(seeded_rng(eval_seed, EVAL_SPLIT_TAGS[split], e), classes.counts, shapes,
+                         groups)
+            for e in range(episodes)
+        ]  # fmt: skip
     class_ids = np.zeros((episodes, ways), np.int64)
     image_ids = np.zeros((episodes, ways, shots + queries), np.int64)
     for e in range(episodes):
@@ -139,7 +187,7 @@ class FixedEpisodes(Dataset):
     def __init__(
         self,
         classes: ClassImages,
-        indices: EpisodeIndices,
+        indices: EpisodeIndices | list,
         shots: int,
         batch_size: int,
         norm: tuple | None = None,
@@ -148,14 +196,28 @@ class FixedEpisodes(Dataset):
         self.batch_size, self.norm = batch_size, norm
 
     def __len__(self) -> int:
-        return math.ceil(len(self.index.classes) / self.batch_size)
+        return math.ceil(self.num_episodes / self.batch_size)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.index[0] if isinstance(self.index, EpisodeIndices) else self.index)
 
     def __getitem__(self, item: int) -> Episodes:
         if not 0 <= item < len(self):
             raise IndexError(item)
         part = slice(item * self.batch_size, (item + 1) * self.batch_size)
-        indices = EpisodeIndices(*(a[part] for a in self.index))
-        return normalised(materialise(self.classes, indices, self.shots), self.norm)
+        if isinstance(self.index, EpisodeIndices):
+            indices = EpisodeIndices(*(a[part] for a in self.index))
+        else:
+            indices = self.index[part]
+        return normalised(built(self.classes, indices, self.shots), self.norm)
+
+    def shapes(self) -> list[tuple[int, float]]:
+        """(ways, support images per class) of every episode, in order."""
+        if isinstance(self.index, EpisodeIndices):
+            ways = self.index.classes.shape[1]
+            return [(ways, float(self.shots))] * len(self.index.classes)
+        return [(ep.ways, float(ep.shots.mean())) for ep in self.index]
 
 
 def at_least(minimum: int, **values) -> None:
@@ -194,9 +256,26 @@ class EpisodeDataModule(L.LightningDataModule):
         augment: dict | None = None,
         train_ways: int | None = None,
         train_queries: int | str | None = None,
+        episodes: str = "fixed",
+        ways_range: list | tuple = (5, 20),
+        shots_range: list | tuple = (1, 5),
+        metadataset: dict | None = None,
         **source_options,
     ):
         super().__init__()
+        # the varying shapes' bounds are checked now; `queries` joins them in setup
+        self.episode_spec = dict(
+            mode=episodes,
+            ways_range=tuple(int(v) for v in ways_range),
+            shots_range=tuple(int(v) for v in shots_range),
+            **dict(metadataset or {}),
+        )
+        EpisodeShapes(**self.episode_spec)
+        if episodes != "fixed" and (train_ways is not None or train_queries is not None):
+            raise ConfigError(
+                f"data.episodes={episodes} draws every episode's shape: set data.train_ways"
+                " and data.train_queries to null (they shape fixed training episodes only)"
+            )
         check_source(name, source_options)
         # training episodes may have their own shape (ProtoNet: Snell et al. train 60-way with
         # 5 queries, test 5-way with 15); None: the evaluation episodes' ways / queries
@@ -250,6 +329,8 @@ class EpisodeDataModule(L.LightningDataModule):
         self.augment = Augment(**(augment or {}))
         self.source_options = source_options  # the source's own keys (conf/data/<name>.yaml)
         self._splits: Splits | None = None
+        self.shapes: EpisodeShapes | None = None  # varying (or grouped) episodes, in setup
+        self.train_shapes: EpisodeShapes | None = None
 
     # ----- data -----
     def setup(self, stage: str | None = None) -> None:
@@ -269,11 +350,34 @@ class EpisodeDataModule(L.LightningDataModule):
         )
         self._check(splits)
         check_disjoint(splits)
+        self._resolve_shapes(splits)
         self.image_size, self.channels = splits.train.image_size, splits.train.channels
         self.norm = resolve_normalize(self.normalize, splits.train)
         self._splits = splits
 
+    def _resolve_shapes(self, splits: Splits) -> None:
+        """The EpisodeShapes the samplers draw with: None for plain fixed episodes (the
+        original sampler, unchanged), else the mode's bounds (or fixed episodes drawn from
+        one group); checked against the data by drawing one episode per split."""
+        spec = self.episode_spec
+        if spec["mode"] == "fixed" and not splits.episode_groups:
+            return
+        common = dict(spec, ways=self.ways, shots=self.shots, queries=self.queries)
+        self.shapes = EpisodeShapes(**common)
+        self.train_shapes = EpisodeShapes(
+            **{**common, "ways": self.train_ways, "queries": self.train_queries}
+        )
+        for name, classes in splits.items():
+            shapes = self.train_shapes if name == "train" else self.shapes
+            draw_episode(seeded_rng(0), classes.counts, shapes, self.groups(classes, splits))
+
+    @staticmethod
+    def groups(classes: ClassImages, splits: Splits) -> np.ndarray | None:
+        return np.asarray(classes.groups) if splits.episode_groups else None
+
     def _check(self, splits: Splits) -> None:
+        if self.episode_spec["mode"] != "fixed":
+            return self._check_varying(splits)
         # ways must fit the smallest split it draws from; data.train_ways, when set, the train
         # split only (named as the user wrote it, so the message says which key to lower)
         own = self.train_ways_key == "data.train_ways"
@@ -290,6 +394,33 @@ class EpisodeDataModule(L.LightningDataModule):
                 )
         self.queries = self._resolve_queries(self.queries, "queries", splits)
         self.train_queries = self._resolve_queries(self.train_queries, "data.train_queries", splits)
+
+    def _check_varying(self, splits: Splits) -> None:
+        """Range: the widest episode fits every split and the most shots + queries every class;
+        metadataset: its own query rule needs two images per class."""
+        spec = EpisodeShapes(**self.episode_spec)
+        split, classes = min(splits.items(), key=lambda item: item[1].num_classes)
+        key = "data.ways_range" if spec.mode == "range" else "data.metadataset.min_ways"
+        if spec.fewest_ways() > classes.num_classes:
+            raise ConfigError(
+                f"data={self.name} {split} split has {classes.num_classes} classes but {key} "
+                f"asks for at least {spec.fewest_ways()}: lower it"
+            )
+        if spec.mode == "metadataset":
+            self.queries = self.train_queries = spec.max_queries  # a bound: q is drawn per episode
+            least = min(c.images_per_class for _, c in splits.items())
+            if least < 2:
+                raise ConfigError(
+                    f"data.episodes=metadataset needs 2 images per class (one support, one "
+                    f"query); data={self.name} has a class of {least}"
+                )
+            return
+        shots, self.shots = self.shots, spec.shots_range[1]  # queries must fit the most shots
+        try:
+            self.queries = self._resolve_queries(self.queries, "queries", splits)
+        finally:
+            self.shots = shots
+        self.train_queries = self.queries
 
     def _resolve_queries(self, queries: int | str, key: str, splits: Splits) -> int:
         """``auto``: AUTO_QUERIES or what the smallest class has left after the shots; checked
@@ -360,6 +491,8 @@ class EpisodeDataModule(L.LightningDataModule):
             rank,
             self.norm,
             self.augment,
+            self.train_shapes,
+            self.groups(self.splits.train, self.splits),
         )
 
     def eval_dataset(self, split: str) -> FixedEpisodes:
@@ -372,6 +505,8 @@ class EpisodeDataModule(L.LightningDataModule):
             self.queries,
             self.eval_seed,
             split,
+            self.shapes,
+            self.groups(getattr(self.splits, split), self.splits),
         )
         rank, world_size = self.shard()
         if 0 < episodes < world_size:  # a rank without episodes would hang the others' gather
@@ -380,7 +515,10 @@ class EpisodeDataModule(L.LightningDataModule):
                 f" use at least {world_size} (every process scores a share of the episodes)"
             )
         share = np.array_split(np.arange(episodes), world_size)[rank]
-        indices = EpisodeIndices(*(a[share] for a in indices))
+        if isinstance(indices, EpisodeIndices):
+            indices = EpisodeIndices(*(a[share] for a in indices))
+        else:
+            indices = [indices[i] for i in share]
         classes = getattr(self.splits, split)
         return FixedEpisodes(classes, indices, self.shots, self.eval_batch_size, self.norm)
 

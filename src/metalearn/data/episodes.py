@@ -1,9 +1,14 @@
-"""N-way K-shot episodes: index sampling (numpy Generator) and materialisation to tensors.
+"""Episodes: index sampling (numpy Generator) and materialisation to tensors.
 
 An episode picks `ways` distinct classes in random order (label i = the i-th picked class, so
 labels are remapped to 0..N-1 randomly per episode) and `shots + queries` distinct images per
 class: the first `shots` are support, the rest query. Support and query are ordered by label.
 All randomness comes from the Generator passed in, never from global RNG state.
+
+Episodes of varying shape (data/shapes.py: ways and shots drawn per episode, Meta-Dataset's
+imbalanced support sets) are a *ragged* meta-batch: ``Episodes`` whose four fields are tuples
+of per-episode tensors instead of [B, ...] tensors. ``zip(*episodes)`` walks the tasks of
+either kind alike; ``stacked_groups`` regroups a ragged batch by shape (engine=vmap).
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from torch import Tensor
 
 
 class Episodes(NamedTuple):
-    """A meta-batch of B episodes; float32 images in [0, 1] with ink = 1 (or normalised)."""
+    """A meta-batch of B episodes; float32 images in [0, 1] with ink = 1 (or normalised).
+
+    Regular: each field one tensor (shapes below). Ragged (episodes of different shapes): each
+    field a tuple of B per-episode tensors ([S_b, C, H, W], [S_b], [Q_b, C, H, W], [Q_b])."""
 
     support_x: Tensor  # [B, N*K, C, H, W]
     support_y: Tensor  # [B, N*K] int64 in 0..N-1
@@ -24,11 +32,56 @@ class Episodes(NamedTuple):
     query_y: Tensor  # [B, N*Q]
 
     def to(self, device, non_blocking: bool = False) -> Episodes:
-        return Episodes(*(t.to(device, non_blocking=non_blocking) for t in self))
+        def move(t):
+            if torch.is_tensor(t):
+                return t.to(device, non_blocking=non_blocking)
+            return tuple(x.to(device, non_blocking=non_blocking) for x in t)
+
+        return Episodes(*(move(t) for t in self))
 
     @property
     def batch_size(self) -> int:
-        return self.support_x.shape[0]
+        return len(self.support_x)
+
+    @property
+    def ragged(self) -> bool:
+        return not torch.is_tensor(self.support_x)
+
+    def ways(self) -> list[int]:
+        """Classes of each episode (labels are 0..N-1)."""
+        return [int(y.max()) + 1 for y in self.support_y]
+
+    def shots(self) -> list[float]:
+        """Support images per class of each episode (a mean where classes differ)."""
+        return [len(y) / w for y, w in zip(self.support_y, self.ways(), strict=True)]
+
+
+def ragged(episodes: list[Episodes]) -> Episodes:
+    """One ragged meta-batch from single episodes (each with B = 1)."""
+    return Episodes(*(tuple(e[i][0] for e in episodes) for i in range(4)))
+
+
+def shape_key(episode) -> tuple:
+    """What must match for episodes to stack and share a head shape: the support and query
+    sizes and the number of classes."""
+    sx, sy, qx, _ = episode
+    return (tuple(sx.shape), tuple(qx.shape), int(sy.max()) + 1)
+
+
+def stacked_groups(episodes: Episodes) -> list[tuple[list[int], Episodes]]:
+    """The meta-batch as groups of equal shape: (positions in the batch, regular Episodes).
+
+    A regular batch is one group; a ragged one has a group per distinct shape."""
+    if not episodes.ragged:
+        return [(list(range(episodes.batch_size)), episodes)]
+    groups: dict[tuple, list[int]] = {}
+    tasks = list(zip(*episodes, strict=True))
+    for b, task in enumerate(tasks):
+        groups.setdefault(shape_key(task), []).append(b)
+    return [
+        (members, Episodes(*(torch.stack([tasks[b][i] for b in members]) for i in range(4))))
+        for members in groups.values()
+    ]
 
 
 class EpisodeIndices(NamedTuple):
@@ -101,3 +154,33 @@ def sample_episodes(
 def seeded_rng(*seeds: int) -> np.random.Generator:
     """A numpy Generator seeded from non-negative integers only (e.g. seed, rank, epoch, index)."""
     return np.random.default_rng(np.random.SeedSequence([int(s) for s in seeds]))
+
+
+def materialise_varying(images, drawn: list) -> Episodes:
+    """A ragged meta-batch from ``data.shapes.Episode`` draws of a ``ClassImages``: support
+    ordered by label (class i has ``shots[i]`` images), then ``queries`` per class."""
+    fields: list[list[Tensor]] = [[], [], [], []]
+    for ep in drawn:
+        ids = [int(images.offsets[c]) + img for c, img in zip(ep.classes, ep.images, strict=True)]
+        support = np.concatenate([i[:k] for i, k in zip(ids, ep.shots, strict=True)])
+        query = np.concatenate([i[k:] for i, k in zip(ids, ep.shots, strict=True)])
+        labels = torch.arange(ep.ways, dtype=torch.int64)
+        for field, value in zip(
+            fields,
+            (
+                torch.from_numpy(images.pixels[support]).float().div_(255.0),
+                labels.repeat_interleave(torch.from_numpy(np.asarray(ep.shots))),
+                torch.from_numpy(images.pixels[query]).float().div_(255.0),
+                labels.repeat_interleave(ep.queries),
+            ),
+            strict=True,
+        ):
+            field.append(value)
+    return Episodes(*(tuple(f) for f in fields))
+
+
+def as_indices(drawn: list) -> EpisodeIndices:
+    """Draws of one shape (N-way, K shots per class) as ``EpisodeIndices``."""
+    return EpisodeIndices(
+        np.stack([ep.classes for ep in drawn]), np.stack([np.stack(ep.images) for ep in drawn])
+    )

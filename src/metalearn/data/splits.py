@@ -21,12 +21,13 @@ class Splits:
     train: ClassImages
     val: ClassImages
     test: ClassImages
+    episode_groups: bool = False  # each episode's classes from one group (one alphabet)
 
     def items(self) -> list[tuple[str, ClassImages]]:
         return [(name, getattr(self, name)) for name in SPLIT_NAMES]
 
     def map(self, fn: Callable[[ClassImages], ClassImages]) -> Splits:
-        return Splits(fn(self.train), fn(self.val), fn(self.test))
+        return Splits(fn(self.train), fn(self.val), fn(self.test), self.episode_groups)
 
     def class_names(self) -> dict[str, list[str]]:
         """Class names per split, e.g. to log exactly which classes were used."""

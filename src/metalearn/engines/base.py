@@ -1,11 +1,16 @@
 """What every inner-loop engine takes and returns.
 
 An engine is the only place that knows how a differentiable inner loop is computed.
-``engine(model, loop, episodes) -> Adapted``: adapt a copy of the model's parameters on each
-episode's support set for ``loop.steps`` steps and score its query set. ``Adapted.objective``
-is the meta-objective (mean over tasks); one ``backward`` of it yields the meta-gradients of
-the model's parameters and of any learned inner-loop rates. ``engine.check(model, loop)``
-raises ConfigError for what the engine cannot run (GBML calls it when it is built).
+``engine(model, loop, episodes, heads=None) -> Adapted``: adapt a copy of the model's
+parameters on each episode's support set for ``loop.steps`` steps and score its query set.
+``heads`` (one dict per task, or None) overrides a task's initial parameters by name: a head
+built for that episode's number of classes (algorithms/heads.py); the override may carry a
+graph back to the model's parameters (Proto-MAML's prototype head), which the meta-gradient
+follows. Episodes may be ragged (data/episodes.py): each task then has its own shapes.
+``Adapted.objective`` is the meta-objective (mean over tasks); one ``backward`` of it yields
+the meta-gradients of the model's parameters and of any learned inner-loop rates.
+``engine.check(model, loop)`` raises ConfigError for what the engine cannot run (GBML calls
+it when it is built).
 
 Semantics shared by all engines (tests hold them to it):
 * second order: the query loss is differentiated through every inner update;
@@ -14,7 +19,10 @@ Semantics shared by all engines (tests hold them to it):
   shift phi_{t+1} = phi_t - a_t * g_t, gets -sum_{s>t} w_s * g_t . dL_s/dphi_s (as in the
   MAML++ reference code, whose first-order phase still trains its per-step rates);
 * ``step_weights`` (MAML++ multi-step loss) weight the query loss after each step; ``None``
-  means the final step only.
+  means the final step only;
+* a per-element rate (Meta-SGD) of a head another width than the task's (a head built per
+  episode) applies its mean over classes (``shaped_rate``): labels are permuted per episode,
+  so no row is special.
 """
 
 from __future__ import annotations
@@ -63,7 +71,33 @@ class Adapted:
     objective: torch.Tensor  # scalar meta-objective, mean over tasks (backward me)
     loss: torch.Tensor  # [B] weighted query loss per task, detached (for logging)
     acc: torch.Tensor  # [B] query accuracy after the last inner step
-    logits: torch.Tensor | None = None  # [B, Q, N] query logits after the last step, detached
+    logits: torch.Tensor | tuple | None = None  # [B, Q, N] query logits, detached (ragged: a
+    # tuple of [Q_b, N_b])
+
+
+def shaped_rate(rate, param: torch.Tensor):
+    """``rate`` for ``param``: a per-element rate of another shape (a head built per episode,
+    another number of classes) becomes its mean over the class rows."""
+    if torch.is_tensor(rate) and rate.dim() and rate.shape != param.shape:
+        return rate.mean(0, keepdim=True)
+    return rate
+
+
+def aliases(params: dict) -> dict:
+    """Aliases of the model's parameters for a task whose head is computed from them
+    (prototypes): differentiating the support loss by the aliases and the head gives partial
+    derivatives (the head a variable of its own, as ``torch.func.grad`` treats it), while the
+    meta-gradient still reaches the parameters through both."""
+    return {n: p.view_as(p) for n, p in params.items()}
+
+
+def collect(tensors: list, ragged: bool):
+    """Per-task results as one [B, ...] tensor, or a tuple where tasks differ in shape."""
+    return tuple(tensors) if ragged else torch.stack(tensors)
+
+
+def is_ragged(episodes) -> bool:
+    return not torch.is_tensor(episodes[0])
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

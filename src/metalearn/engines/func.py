@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from metalearn.engines.base import Adapted, InnerLoop, accuracy, cross_entropy, step_forward
+from metalearn.engines.base import (
+    Adapted,
+    InnerLoop,
+    accuracy,
+    aliases,
+    collect,
+    cross_entropy,
+    is_ragged,
+    shaped_rate,
+    step_forward,
+)
 from metalearn.errors import ConfigError
 
 
@@ -26,7 +36,7 @@ def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> 
         grads = grad(support_loss, {n: fast[n] for n in loop.adapt})
         for n in loop.adapt:
             g = grads[n].detach() if loop.first_order else grads[n]
-            fast[n] = fast[n] - loop.lr(n, t) * g
+            fast[n] = fast[n] - shaped_rate(loop.lr(n, t), g) * g
         if weights[t] or t == loop.steps - 1:
             logits = forward(fast, qx, t)
             if weights[t]:
@@ -54,7 +64,7 @@ class FuncEngine:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model``."""
         check_sgd(loop, self.name)
 
-    def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
+    def __call__(self, model, loop: InnerLoop, episodes, heads: list | None = None) -> Adapted:
         self.check(model, loop)
         forward = step_forward(model)
         params = dict(model.named_parameters())
@@ -64,12 +74,16 @@ class FuncEngine:
             return dict(zip(sub, gs, strict=True))
 
         losses, accs, logits = [], [], []
-        for sx, sy, qx, qy in zip(*episodes, strict=True):
-            loss, acc, task_logits = adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
+        for b, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
+            start = params if heads is None else {**aliases(params), **heads[b]}
+            loss, acc, task_logits = adapt_task(forward, start, loop, sx, sy, qx, qy, grad)
             losses.append(loss)
             accs.append(acc)
             logits.append(task_logits)
         losses = torch.stack(losses)
         return Adapted(
-            losses.mean(), losses.detach(), torch.stack(accs).detach(), torch.stack(logits)
+            losses.mean(),
+            losses.detach(),
+            torch.stack(accs).detach(),
+            collect(logits, is_ragged(episodes)),
         )

@@ -18,8 +18,12 @@ from metalearn.engines.base import (
     Adapted,
     InnerLoop,
     accuracy,
+    aliases,
     check_inner_optimizer,
+    collect,
     cross_entropy,
+    is_ragged,
+    shaped_rate,
 )
 
 
@@ -62,20 +66,26 @@ class HigherEngine:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model``."""
         check_inner_optimizer(loop.optimizer)
 
-    def __call__(self, model, loop: InnerLoop, episodes) -> Adapted:
+    def __call__(self, model, loop: InnerLoop, episodes, heads: list | None = None) -> Adapted:
         named = dict(model.named_parameters())
         names, theta = list(named), list(named.values())
         opt = inner_optimizer(loop, [named[n] for n in loop.adapt])
         weights = loop.weights()
         objectives, losses, accs, query_logits = [], [], [], []
-        for sx, sy, qx, qy in zip(*episodes, strict=True):
+        for b, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             with higher.innerloop_ctx(
                 model, opt, copy_initial_weights=False, track_higher_grads=not loop.first_order
             ) as (fmodel, diffopt):
+                start = theta  # the task's initial parameters: theta, or its own head
+                if heads is not None:
+                    own = {**aliases(named), **heads[b]}
+                    start = [own[n] for n in names]
+                    fmodel.update_params(start)
+                initial = dict(zip(names, start, strict=True))
                 objective, loss, logits = 0.0, 0.0, None
                 shifts: list[tuple] = []  # first order: (name, learned rate, its g_t) so far
                 for t in range(loop.steps):
-                    rates = [loop.lr(n, t) for n in loop.adapt]
+                    rates = [shaped_rate(loop.lr(n, t), initial[n]) for n in loop.adapt]
                     learned = [learned_rate(r) for r in rates]
                     keep = loop.first_order and loop.optimizer == "sgd" and any(learned)
                     seen: list = []  # the support gradients diffopt computes (all parameters)
@@ -97,7 +107,7 @@ class HigherEngine:
                             q_loss = weights[t] * cross_entropy(logits, qy)
                             loss = loss + q_loss.detach()
                             objective = objective + self._meta_term(
-                                q_loss, fmodel, theta, loop, shifts, names
+                                q_loss, fmodel, start, loop, shifts, names
                             )
                 if logits is None:
                     logits = fmodel(qx, step=0)
@@ -111,7 +121,7 @@ class HigherEngine:
             torch.stack(objectives).mean(),
             torch.stack(losses),
             torch.stack(accs),
-            torch.stack(query_logits),
+            collect(query_logits, is_ragged(episodes)),
         )
 
     @staticmethod

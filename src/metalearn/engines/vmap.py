@@ -20,6 +20,13 @@ ignores an outer ``no_grad`` for its own differentiation), so no outer graph is 
 through the support-set passes; the query pass still reaches theta through the constant
 shifts, which is the first-order meta-gradient.
 
+Episodes of different shapes (a ragged meta-batch, ``data.episodes=range|metadataset``) are
+grouped by shape (``stacked_groups``) and each group is vmapped on its own. Padding to one shape
+would not be exact: transductive BatchNorm would take its statistics over the padding too
+(a masked normalisation the backbones do not have). Grouping is exact, and costs what the
+per-task loop costs when no two episodes share a shape (Meta-Dataset's sampler):
+bench/RESULTS.md measures it.
+
 On CPU, glibc handing freed memory back to the OS makes vmap slow (large, short-lived
 batched buffers go through mmap/munmap each step); ``tune_malloc()`` keeps them in the heap.
 """
@@ -33,7 +40,8 @@ import os
 import torch
 from torch import nn
 
-from metalearn.engines.base import Adapted, InnerLoop, step_forward
+from metalearn.data.episodes import Episodes, stacked_groups
+from metalearn.engines.base import Adapted, InnerLoop, collect, step_forward
 from metalearn.engines.func import adapt_task, check_sgd
 from metalearn.errors import ConfigError
 
@@ -134,16 +142,37 @@ class VmapEngine:
         check_sgd(loop, self.name)
         check_vmappable(model, self.randomness)
 
-    def __call__(self, model: nn.Module, loop: InnerLoop, episodes) -> Adapted:
+    def __call__(self, model: nn.Module, loop: InnerLoop, episodes, heads=None) -> Adapted:
         self.check(model, loop)
-        cpu = episodes[0].device.type == "cpu"
+        cpu = episodes[1][0].device.type == "cpu"
         if self.tune_malloc and not self._malloc_done and cpu:
             self._malloc_done = True
             tune_malloc()
-        chunk = self.chunk_size
-        if chunk == "auto":
-            chunk = self.auto_chunk(model, episodes) if cpu else None
-        return vmapped(model, loop, episodes, self.randomness, chunk)
+        episodes = Episodes(*episodes)
+        if not episodes.ragged and heads is None:
+            return vmapped(model, loop, episodes, self.randomness, self.chunk(model, episodes))
+        losses, accs, logits = ([None] * episodes.batch_size for _ in range(3))
+        for members, group in stacked_groups(episodes):
+            group_heads = None
+            if heads is not None:
+                group_heads = {n: torch.stack([heads[b][n] for b in members]) for n in heads[0]}
+            out = vmapped_tasks(
+                model, loop, group, self.randomness, self.chunk(model, group), group_heads
+            )
+            for i, b in enumerate(members):
+                losses[b], accs[b], logits[b] = out[0][i], out[1][i], out[2][i]
+        losses = torch.stack(losses)
+        return Adapted(
+            losses.mean(),
+            losses.detach(),
+            torch.stack(accs).detach(),
+            collect(logits, episodes.ragged),
+        )
+
+    def chunk(self, model: nn.Module, episodes) -> int | None:
+        if self.chunk_size != "auto":
+            return self.chunk_size
+        return self.auto_chunk(model, episodes) if episodes[0].device.type == "cpu" else None
 
     def auto_chunk(self, model: nn.Module, episodes) -> int | None:
         """Tasks per chunk on CPU: the largest activation of one task's query pass (measured
@@ -178,6 +207,13 @@ def vmapped(
     chunk_size: int | None = None,
 ) -> Adapted:
     """``adapt_task`` vmapped over the meta-batch, without ``VmapEngine``'s checks."""
+    losses, accs, logits = vmapped_tasks(model, loop, episodes, randomness, chunk_size)
+    return Adapted(losses.mean(), losses.detach(), accs.detach(), logits)
+
+
+def vmapped_tasks(model, loop, episodes, randomness="error", chunk_size=None, heads=None):
+    """Per-task (objective, accuracy, logits) of ``adapt_task`` vmapped over a regular batch;
+    ``heads``: initial parameters per task ([B, ...] each) overriding the model's."""
     forward = step_forward(model)
     params = dict(model.named_parameters())
 
@@ -187,9 +223,9 @@ def vmapped(
                 return torch.func.grad(f)(sub)
         return torch.func.grad(f)(sub)
 
-    def task(sx, sy, qx, qy):
-        return adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
+    def task(sx, sy, qx, qy, head):
+        return adapt_task(forward, {**params, **head}, loop, sx, sy, qx, qy, grad)
 
     run = torch.func.vmap(task, randomness=randomness, chunk_size=chunk_size)
-    losses, accs, logits = run(*episodes)
-    return Adapted(losses.mean(), losses.detach(), accs.detach(), logits)
+    losses, accs, logits = run(*episodes, heads or {})
+    return losses, accs, logits.detach()

@@ -24,12 +24,17 @@ use, from the split files in `<root>/omniglot/vinyals_split/` (see
 - meta-val = the background alphabets ranked by sha256(f"{split_seed}/{alphabet}"), taken in that
   order until they hold at least VAL_MIN_CLASSES = 150 characters;
 - meta-train = the remaining background alphabets.
+``within_alphabet``: every episode's classes come from one alphabet (Lake et al. 2015's
+within-alphabet one-shot task, harder than episodes across alphabets: characters of one script
+look alike); the alphabet is drawn uniformly among those with enough characters.
+
 With split_seed=0: val = Alphabet_of_the_Magi, Anglo-Saxon_Futhorc, Early_Aramaic, Greek,
 Japanese_(katakana), Syriac_(Estrangelo) (6 alphabets, 165 classes); train = the other 24 (799).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from collections.abc import Callable, Iterator
@@ -77,8 +82,14 @@ def load_omniglot(
     base_url: str = BASE_URL,
     zip_sha256: dict[str, str | None] | None = None,
     split: str = "alphabets",
+    within_alphabet: bool = False,
 ) -> Splits:
     """Omniglot as meta-train/val/test `Splits` (see the module docstring for the rules)."""
+    splits = omniglot_splits(root, image_size, split_seed, download, base_url, zip_sha256, split)
+    return dataclasses.replace(splits, episode_groups=bool(within_alphabet))
+
+
+def omniglot_splits(root, image_size, split_seed, download, base_url, zip_sha256, split) -> Splits:
     if split not in SPLITS:
         raise ConfigError(f"data.split={split!r} is unknown for Omniglot: choose one of {SPLITS}")
     folder = Path(root) / "omniglot"
