@@ -1,4 +1,5 @@
-"""What the metric-based learners without an inner loop share (Matching, Relation, Siamese).
+"""What the metric-based learners without an inner loop share (ProtoNet, Matching, Relation,
+Siamese).
 
 Each episode is one forward of the embedding network over its support and query images
 together (as ProtoNet), a comparison of the queries with the support set, and a loss on that
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from metalearn.algorithms.base import EpisodicModule
-from metalearn.engines.base import accuracy
+from metalearn.engines.base import accuracy, collect, is_ragged
 
 
 class MetricLearner(EpisodicModule):
@@ -54,8 +55,9 @@ class MetricLearner(EpisodicModule):
 
     def query_logits(self, episodes) -> torch.Tensor:
         with torch.no_grad():
-            return torch.stack(
-                [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)]
+            return collect(
+                [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)],
+                is_ragged(episodes),
             )
 
 

@@ -23,8 +23,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from metalearn.algorithms.base import EpisodicModule
-from metalearn.engines.base import accuracy, collect, is_ragged
+from metalearn.algorithms.metric import MetricLearner
 from metalearn.errors import ConfigError
 
 
@@ -45,14 +44,8 @@ def halving_factor(step: int, total: int, base: float, every: int) -> float:
     return 0.5 ** (step // every)
 
 
-class ProtoNet(EpisodicModule):
-    """Args are the ``algo`` config keys (see conf/algo/protonet.yaml); ``engine`` is unused.
-
-    The backbone's classification head is unused and frozen (so DDP sees no unused
-    trainable parameters).
-    """
-
-    any_train_ways = True  # no head: training episodes may be wider than the test's
+class ProtoNet(MetricLearner):
+    """Args are the ``algo`` config keys (see conf/algo/protonet.yaml); ``engine`` is unused."""
 
     def __init__(
         self,
@@ -83,7 +76,6 @@ class ProtoNet(EpisodicModule):
             if learn_metric_scale
             else float(metric_scale)
         )
-        self.model.head.requires_grad_(False)
 
     def configure_optimizers(self):
         opt = super().configure_optimizers()
@@ -91,27 +83,10 @@ class ProtoNet(EpisodicModule):
             return opt
         return self.annealed(opt, partial(halving_factor, every=self.lr_halving_steps))
 
-    def outer_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     def episode_logits(self, sx, sy, qx) -> torch.Tensor:
-        emb = self.model.features(torch.cat([sx, qx]))
-        logits = prototype_logits(emb[: len(sx)], sy, emb[len(sx) :], int(sy.max()) + 1)
-        return self.metric_scale * logits
+        support, query = self.embed(sx, qx)
+        return self.metric_scale * prototype_logits(support, sy, query, int(sy.max()) + 1)
 
-    def training_step(self, episodes, batch_idx):
-        losses, accs = [], []
-        for sx, sy, qx, qy in zip(*episodes, strict=True):
-            logits = self.episode_logits(sx, sy, qx)
-            losses.append(F.cross_entropy(logits, qy))
-            accs.append(accuracy(logits.detach(), qy))
-        loss = torch.stack(losses).mean()
-        self.outer_step(loss)
-        self.log_train(loss=loss.detach(), acc=torch.stack(accs).mean())
-
-    def query_logits(self, episodes) -> torch.Tensor:
-        with torch.no_grad():
-            return collect(
-                [self.episode_logits(sx, sy, qx) for sx, sy, qx in zip(*episodes[:3], strict=True)],
-                is_ragged(episodes),
-            )
+    def episode_loss(self, sx, sy, qx, qy):
+        logits = self.episode_logits(sx, sy, qx)
+        return F.cross_entropy(logits, qy), logits
