@@ -98,7 +98,8 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
 
     from metalearn.algorithms.heads import check_head_init
     from metalearn.learner import load
-    from metalearn.train import build, run_info, write_metrics
+    from metalearn.instantiate import build
+    from metalearn.outcome import run_info, write_metrics
 
     start = time.time()
     check_head_init(head_init)
