@@ -97,8 +97,8 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
     from omegaconf import OmegaConf
 
     from metalearn.algorithms.heads import check_head_init
-    from metalearn.learner import load
     from metalearn.instantiate import build
+    from metalearn.learner import load
     from metalearn.outcome import run_info, write_metrics
 
     start = time.time()
