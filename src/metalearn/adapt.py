@@ -25,7 +25,8 @@ Usage:  python -m metalearn.adapt ckpt=<file> support=<dir> query=<dir> [option=
               any number of classes (>= 2) and of images per class
   query=      the images to label: directly in the folder (labels unknown), and/or in
               sub-folders named after support classes (labels known: accuracy is printed)
-  out=        where predictions.csv and predictions.png go (default outputs/adapt/<date>/<time>)
+  out=        where predictions.csv and predictions.png go (default:
+              outputs/adapt/runs/<date>/<time>)
   invert=     auto (default: the training data's own rule, e.g. Omniglot's black-on-white PNGs
               are inverted), true or false: override it for drawings made another way
   head_init=  auto (default), prototypes or zeros: how a MAML/Reptile model's N-way head

@@ -94,8 +94,11 @@ def instantiate_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    """``cfg.logger``: the loggers, each given the run's config."""
-    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    """``cfg.logger``: the loggers, each given the run's config. An entry without
+    ``_target_`` is a setting for a logger that is not selected (``logger.wandb.entity`` in
+    conf/local/default.yaml with ``logger=csv``): left out."""
+    nodes = (cfg.get("logger") or {}).values()
+    loggers = [build(c) for c in nodes if isinstance(c, DictConfig) and "_target_" in c]
     flat = OmegaConf.to_container(cfg, resolve=True)
     flat.pop("hydra", None)
     for logger in loggers:
