@@ -36,7 +36,7 @@ Images: PNG, JPEG, BMP, WebP, ... of any size, grayscale or colour; each is conv
 model's training data was (size, channels, polarity). The queries are scored as one batch.
 
 Example:
-  python -m metalearn.adapt ckpt=outputs/2026-11-30/12-00-00/checkpoints/last.ckpt \\
+  python -m metalearn.adapt ckpt=outputs/train/runs/2026-11-30/12-00-00/checkpoints/last.ckpt \\
       support=my_photos/support query=my_photos/query
 """
 
