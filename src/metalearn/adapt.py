@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from metalearn.cli import default_output, flag, main_of, parse
+from metalearn.cli import configured_log_dir, default_output, flag, main_of, parse
 from metalearn.errors import ConfigError
 
 USAGE = """\
@@ -233,7 +233,7 @@ def adapt_folders(ckpt, support, query, out=None, invert=None, head_init="auto",
     prediction = adapted.predict(query_files)
     labelled = [(t, p) for t, p in zip(truth, prediction.labels, strict=True) if t is not None]
     accuracy = sum(t == p for t, p in labelled) / len(labelled) if labelled else None
-    out = Path(out) if out else default_output("adapt")
+    out = Path(out) if out else default_output("adapt", configured_log_dir())
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", query_files, truth, prediction)
     draw(out / "predictions.png", support_files, support_labels, query_files, truth, prediction)

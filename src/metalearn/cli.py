@@ -53,6 +53,14 @@ def default_output(task: str, log_dir: str = "outputs") -> Path:
     return Path(log_dir, task, "runs", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
 
 
+def configured_log_dir() -> str:
+    """``paths.log_dir`` as this machine's config sets it (conf/paths, conf/local), for the
+    commands that do not compose the training config themselves."""
+    import metalearn
+
+    return str(metalearn.compose(["output_dir=."]).paths.log_dir)
+
+
 def main_of(run: Callable[[list[str]], int | None]) -> Callable[[], None]:
     """A console entry point: one message naming the fix (exit 1) instead of a traceback for
     the errors a user can act on (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
