@@ -202,7 +202,7 @@ def compose(setting: dict, device: str, overrides=(), output_dir: str | None = N
 
 
 def datamodule(setting: dict, device: str):
-    from metalearn.train import build
+    from metalearn.instantiate import build
 
     dm = build(compose(setting, device).data)
     dm.setup()
@@ -300,7 +300,7 @@ def phases(marks: list[float]) -> dict:
 def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
     import lightning as L
 
-    from metalearn.train import build, progress_bar
+    from metalearn.instantiate import build, instantiate_callbacks
 
     steps = args.warmup + max(args.steps, 3)
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
@@ -363,7 +363,8 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
                 self.phases["bare"].append(phases([now, now, *marks[1:], self.mark]))
 
         timer = Interleave()
-        callbacks = [timer, *progress_bar(cfg)]  # as train.py: its progress bar included
+        bar = instantiate_callbacks(cfg).get("progress_bar")  # as train.py: its progress bar
+        callbacks = [timer, *([bar] if bar else [])]
         trainer = build(cfg.trainer, logger=False, callbacks=callbacks, default_root_dir=out)
         trainer.fit(algo, datamodule=dm)
     skip = max(args.warmup, 1)

@@ -60,5 +60,6 @@ def test_top_level_shots_reach_data_and_model(tmp_path):
 
 
 def test_every_group_has_options():
-    for group in ("data", "algo", "model", "engine", "trainer", "logger"):
+    groups = ("data", "algo", "model", "engine", "trainer", "logger", "callbacks", "paths", "debug")
+    for group in groups:
         assert options(group), group

@@ -51,7 +51,7 @@ def test_bad_config_raises_clear_error(tmp_path, data_root, overrides, message):
     ],
 )
 def test_unsupported_engine_is_refused_when_built(tmp_path, data_root, overrides, message):
-    from metalearn.train import build
+    from metalearn.instantiate import build
 
     cfg = compose_cfg(tmp_path, overrides)
     with pytest.raises(ConfigError, match=message):  # at construction, not at the first step
@@ -272,7 +272,7 @@ def test_ctrl_c_in_a_sweep_stops_the_sweep_and_says_how_to_resume(tmp_path, data
 def test_checkpoint_writes_are_atomic(tmp_path, data_root, monkeypatch):
     # Killed while writing last.ckpt (here: torch.save fails half-way), the run keeps the
     # previous last.ckpt whole: the file is written beside it and renamed into place.
-    from metalearn.train import AtomicCheckpointIO
+    from metalearn.checkpointing import AtomicCheckpointIO
 
     written = []
     original = AtomicCheckpointIO.save_checkpoint
@@ -307,7 +307,7 @@ def test_resume_checks_the_checkpoints_settings(tmp_path, data_root, caplog):
         run_with(tmp_path / "b", data_root, "model.channels=4", f"ckpt_path={ckpt}")
     with pytest.raises(ConfigError, match="no such file"):
         run_with(tmp_path / "c", data_root, f"ckpt_path={tmp_path / 'nothing.ckpt'}")
-    with caplog.at_level("WARNING", logger="metalearn.train"):
+    with caplog.at_level("WARNING", logger="metalearn.resume"):
         run_with(
             tmp_path / "d",
             data_root,

@@ -14,19 +14,19 @@ __all__ = ["compose", "load", "train"]
 def compose(overrides=(), config_name: str = "train"):
     """The training config as ``python train.py <overrides>`` composes it (a DictConfig):
     ``metalearn.compose(["algo=protonet", "shots=5"])``. Without ``output_dir=...`` the run
-    goes to ``outputs/<date>/<time>``, as from the command line."""
-    import time
-
+    goes to ``<paths.log_dir>/<task_name>/runs/<date>/<time>``, as from the command line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from metalearn.cli import default_output
     from metalearn.paths import conf_dir
 
     overrides = list(overrides)
-    if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
-        overrides.append(f"output_dir=outputs/{time.strftime('%Y-%m-%d/%H-%M-%S')}")
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name, overrides=overrides)
+        cfg = hydra_compose(config_name, overrides=overrides)
+    if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
+        cfg.output_dir = str(default_output(cfg.task_name, cfg.paths.log_dir))
+    return cfg
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from metalearn.cli import default_output, flag, main_of, parse
+from metalearn.cli import configured_log_dir, default_output, flag, main_of, parse
 from metalearn.errors import ConfigError
 
 USAGE = """\
@@ -25,7 +25,8 @@ Usage:  python -m metalearn.adapt ckpt=<file> support=<dir> query=<dir> [option=
               any number of classes (>= 2) and of images per class
   query=      the images to label: directly in the folder (labels unknown), and/or in
               sub-folders named after support classes (labels known: accuracy is printed)
-  out=        where predictions.csv and predictions.png go (default outputs/adapt/<date>/<time>)
+  out=        where predictions.csv and predictions.png go (default:
+              outputs/adapt/runs/<date>/<time>)
   invert=     auto (default: the training data's own rule, e.g. Omniglot's black-on-white PNGs
               are inverted), true or false: override it for drawings made another way
   head_init=  auto (default), prototypes or zeros: how a MAML/Reptile model's N-way head
@@ -35,7 +36,7 @@ Images: PNG, JPEG, BMP, WebP, ... of any size, grayscale or colour; each is conv
 model's training data was (size, channels, polarity). The queries are scored as one batch.
 
 Example:
-  python -m metalearn.adapt ckpt=outputs/2026-11-30/12-00-00/checkpoints/last.ckpt \\
+  python -m metalearn.adapt ckpt=outputs/train/runs/2026-11-30/12-00-00/checkpoints/last.ckpt \\
       support=my_photos/support query=my_photos/query
 """
 
@@ -232,7 +233,7 @@ def adapt_folders(ckpt, support, query, out=None, invert=None, head_init="auto",
     prediction = adapted.predict(query_files)
     labelled = [(t, p) for t, p in zip(truth, prediction.labels, strict=True) if t is not None]
     accuracy = sum(t == p for t, p in labelled) / len(labelled) if labelled else None
-    out = Path(out) if out else default_output("adapt")
+    out = Path(out) if out else default_output("adapt", configured_log_dir())
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "predictions.csv", query_files, truth, prediction)
     draw(out / "predictions.png", support_files, support_labels, query_files, truth, prediction)

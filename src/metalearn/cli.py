@@ -47,9 +47,18 @@ def flag(name: str, value: str) -> bool | None:
     raise ConfigError(f"{name}={value}: use auto, true or false")
 
 
-def default_output(task: str) -> Path:
-    """outputs/<task>/<date>/<time> (as a training run's outputs/<date>/<time>)."""
-    return Path("outputs", task, time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
+def default_output(task: str, log_dir: str = "outputs") -> Path:
+    """``<log_dir>/<task>/runs/<date>/<time>``: where a command's run goes, as a training
+    run's ``hydra.run.dir`` (``task``: its ``task_name``: train, evaluate, adapt, ...)."""
+    return Path(log_dir, task, "runs", time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
+
+
+def configured_log_dir() -> str:
+    """``paths.log_dir`` as this machine's config sets it (conf/paths, conf/local), for the
+    commands that do not compose the training config themselves."""
+    import metalearn
+
+    return str(metalearn.compose(["output_dir=."]).paths.log_dir)
 
 
 def main_of(run: Callable[[list[str]], int | None]) -> Callable[[], None]:

@@ -24,7 +24,7 @@ metalearn.evaluate: test accuracy +- 95 % CI of a checkpoint on fixed meta-test 
 Usage:  python -m metalearn.evaluate ckpt=<file> [key=value ...]
 
   ckpt=         a checkpoint a training run wrote (best-*.ckpt, last.ckpt)
-  output_dir=   where metrics.json goes (default outputs/evaluate/<date>/<time>)
+  output_dir=   where metrics.json goes (default outputs/evaluate/runs/<date>/<time>)
   head_init=    auto (default), prototypes or zeros: how a MAML/Reptile model's N-way head
                 starts on episodes with another number of classes (docs/adapt.md)
   any training setting, without '+': the episodes default to the checkpoint's own dataset and
@@ -47,9 +47,11 @@ def overridden(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-def compose_for(settings: dict, overrides: list[str], output_dir: Path):
+def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = None):
     """The training config for evaluating a checkpoint trained with ``settings`` (flat): the
-    checkpoint's dataset and episode shape, then the user's ``overrides``."""
+    checkpoint's dataset and episode shape, then the user's ``overrides``; ``task_name``
+    evaluate, so that its output goes to ``<paths.log_dir>/evaluate/runs/<date>/<time>``
+    unless ``output_dir`` is given."""
     from hydra import compose, initialize_config_dir
 
     from metalearn.paths import conf_dir
@@ -57,14 +59,17 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path):
     given = overridden(overrides)
     same_data = "data" not in given
     base = [] if not same_data else [f"data={settings.get('data.name', 'omniglot')}"]
+    base += [] if "task_name" in given else ["task_name=evaluate"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
-            fixed = ["logger=none", f"output_dir={output_dir}"]
+            fixed = ["logger=none"] + ([f"output_dir={output_dir}"] if output_dir else [])
             cfg = compose("train", overrides=[*base, *overrides, *fixed])
         except Exception as err:  # Hydra's own message names the bad override
             raise ConfigError(f"{err} (see --help)") from err
     from omegaconf import OmegaConf, open_dict
 
+    if not output_dir:
+        cfg.output_dir = str(default_output(cfg.task_name, cfg.paths.log_dir))
     with open_dict(cfg):
         for key in EPISODE_KEYS:
             if key not in given and key in settings:
@@ -97,15 +102,16 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
     from omegaconf import OmegaConf
 
     from metalearn.algorithms.heads import check_head_init
+    from metalearn.instantiate import build
     from metalearn.learner import load
-    from metalearn.train import build, by_episode, run_info, write_metrics
+    from metalearn.outcome import by_episode, run_info, write_metrics
 
     start = time.time()
     check_head_init(head_init)
     learner = load(ckpt)
     settings = learner.run_config
-    out = Path(output_dir) if output_dir else default_output("evaluate")
-    cfg = compose_for(settings, list(overrides), out)
+    cfg = compose_for(settings, list(overrides), output_dir)
+    out = Path(cfg.output_dir)
     model_normalisation(cfg, learner.preprocessing, list(overrides))
     datamodule = build(cfg.data)
     datamodule.setup()

@@ -116,7 +116,7 @@ def load(path, map_location="cpu", expect: type | None = None) -> EpisodicModule
     """
     from omegaconf import OmegaConf
 
-    from metalearn.train import build
+    from metalearn.instantiate import build
 
     ckpt = read_checkpoint(path, map_location)
     config = settings_of(ckpt, path)

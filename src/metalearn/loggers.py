@@ -181,7 +181,9 @@ def build_loggers(cfg: DictConfig, ckpt_path: str | None = None, build=None) -> 
     build = build or instantiate
     loggers = []
     for node in (cfg.get("logger") or {}).values():
-        if node is None:
+        # an entry without _target_ is a setting for a logger not selected
+        # (logger.wandb.entity in conf/local/ with logger=csv): left out
+        if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         extra = {}
         if node.get("_target_") in WANDB_TARGETS and not node.get("id") and ckpt_path:

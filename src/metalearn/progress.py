@@ -4,9 +4,32 @@ lines in a log file."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+
+from metalearn.errors import ConfigError
+
+KINDS = ("auto", "rich", "lines", "tqdm")
+
+
+def progress_bar(enabled: bool = True, kind: str = "auto", every: int | None = None):
+    """The progress callback of ``callbacks.progress_bar`` (conf/callbacks/progress_bar.yaml):
+    ``auto`` is the Rich bar on a terminal and plain lines when stdout is not one (a SLURM job,
+    nohup, CI), where the bar would print nothing; ``rich``, ``lines`` or ``tqdm`` force one.
+    None (no callback) when ``enabled`` is false (``trainer.enable_progress_bar=false``)."""
+    if kind not in KINDS:
+        raise ConfigError(f"callbacks.progress_bar.kind={kind!r}: choose one of {', '.join(KINDS)}")
+    if not enabled:
+        return None
+    if kind == "auto":
+        kind = "rich" if sys.stdout.isatty() else "lines"
+    if kind == "rich":
+        return MetaProgressBar()
+    if kind == "tqdm":
+        return TQDMProgressBar()
+    return LineProgress(every=every)
 
 
 class MetaProgressBar(RichProgressBar):
@@ -31,12 +54,14 @@ class MetaProgressBar(RichProgressBar):
 
 class LineProgress(ProgressBar):
     """Plain progress lines for logs (a SLURM job, ``nohup``, CI), where the Rich bar prints
-    nothing: every ``every`` outer steps and at the last one, ``step k/N`` with the logged
-    train metrics, steps/s and the time left; one line per validation."""
+    nothing: every ``every`` outer steps (None: 5 x ``trainer.log_every_n_steps``) and at the
+    last one, ``step k/N`` with the logged train metrics, steps/s and the time left; one line
+    per validation."""
 
-    def __init__(self, every: int = 50):
+    def __init__(self, every: int | None = None):
         super().__init__()
-        self.every, self._enabled = max(1, int(every)), True
+        self.every = None if every is None else max(1, int(every))
+        self._enabled = True
         self._start: float | None = None
         self._first = 0
 
@@ -48,6 +73,8 @@ class LineProgress(ProgressBar):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start, self._first = time.monotonic(), trainer.global_step
+        if self.every is None:
+            self.every = 5 * max(1, int(trainer.log_every_n_steps))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step, total = trainer.global_step, trainer.max_steps

@@ -27,8 +27,12 @@ number of classes and by their support images per class (``BY_WAYS`` / ``BY_SHOT
 bin's mean ± 95 % CI over its episodes, with the count of episodes; also ``by_shape.csv``.
 
 Failed jobs: a ``metrics.json`` with ``status: failed`` (or ``interrupted``: Ctrl-C) and its
-``error``; a job directory (one with ``.hydra/``) without ``metrics.json`` (killed, out of
-memory, still running) shows the last error line of its log.
+``error``; a training job's directory (one with ``.hydra/``) without ``metrics.json`` (killed,
+out of memory, still running) shows the last error line of its log. Directories of other
+commands (``show_episode``, which writes no metrics) are not jobs.
+
+Debugging runs (``debug=fdr|limit|...`` or a hand-set ``trainer.fast_dev_run``: ``debug`` in
+their metrics.json) are left out of the table, the curves and the failures; one line says so.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.metrics.get("status") == "ok"
+
+    @property
+    def debug(self) -> str | None:
+        """The debug mode of a debugging run (``debug=fdr``, ...): its accuracy is no result."""
+        return self.metrics.get("debug")
 
     def get(self, key, default=None):
         return self.metrics.get(key, default)
@@ -148,6 +157,8 @@ def collect(root: Path) -> list[Run]:
         job = hydra_dir.parent
         if job.resolve() in seen or not (hydra_dir / "config.yaml").exists():
             continue
+        if not training_job(job):
+            continue
         runs.append(
             Run(
                 job,
@@ -157,6 +168,26 @@ def collect(root: Path) -> list[Run]:
         )
     label_variants(runs)
     return runs
+
+
+# Commands that share the training config but write no metrics.json (their task_name)
+NOT_JOBS = {"show_episode"}
+
+
+def training_job(job_dir: Path) -> bool:
+    """Whether a Hydra run directory is a training job's, not one of ``show_episode`` (by its
+    ``task_name``, or for directories written before there was one, by Hydra's job name)."""
+    from omegaconf import OmegaConf
+
+    hydra_file = job_dir / ".hydra" / "hydra.yaml"
+    try:
+        task = OmegaConf.load(job_dir / ".hydra" / "config.yaml").get("task_name")
+        name = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.name", default=None)
+    except FileNotFoundError:  # hydra.yaml is written with config.yaml; a copied job may lack it
+        name = None
+    except Exception:  # noqa: BLE001 - a broken job directory is still listed
+        return True
+    return task not in NOT_JOBS and name not in NOT_JOBS
 
 
 def info_from_config(job_dir: Path) -> dict:
@@ -172,6 +203,7 @@ def info_from_config(job_dir: Path) -> dict:
             "shots": cfg.get("shots"),
             "seed": cfg.get("seed"),
             "samples_per_class": OmegaConf.select(cfg, "data.samples_per_class"),
+            **({"debug": cfg.debug} if cfg.get("debug") else {}),
         }
     except Exception:  # noqa: BLE001 - best effort for a broken job
         return {}
@@ -655,11 +687,14 @@ def report(
     runs = collect(root)
     if not runs:
         raise SystemExit(f"no metrics.json (and no Hydra job directory) under {root}")
+    debug = [r for r in runs if r.debug]
+    runs = [r for r in runs if not r.debug]
     out.mkdir(parents=True, exist_ok=True)
     rows, cols, cells = table(runs, metric)
     failures = [r for r in runs if not r.ok]
     files = {"markdown": out / "results.md", "csv": out / "results.csv"}
-    files["markdown"].write_text(markdown(rows, cols, cells, failures, metric, root))
+    text = markdown(rows, cols, cells, failures, metric, root)
+    files["markdown"].write_text(text + (f"\n{left_out(debug)}\n" if debug else ""))
     write_csv(files["csv"], rows, cols, cells, metric)
     if write_shape_csv(out / "by_shape.csv", runs):
         files["by_shape"] = out / "by_shape.csv"
@@ -667,14 +702,26 @@ def report(
         files["curves"] = out / "learning_curves.png"
     if echo:
         print_report(rows, cols, cells, failures, metric, root, files)
+        if debug:
+            print(left_out(debug))
     return {
         "runs": runs,
+        "debug": debug,
         "rows": rows,
         "columns": cols,
         "cells": cells,
         "failures": failures,
         "files": files,
     }
+
+
+def left_out(debug: list[Run]) -> str:
+    """One line on the debugging runs the report leaves out."""
+    modes = sorted({str(r.debug) for r in debug})
+    return (
+        f"left out {len(debug)} debugging run{'s' * (len(debug) != 1)} "
+        f"({', '.join(f'debug={m}' for m in modes)}): their accuracy is no result"
+    )
 
 
 def print_report(rows, cols, cells, failures, metric, root, files) -> None:

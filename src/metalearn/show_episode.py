@@ -1,9 +1,11 @@
 """Draw one episode to a PNG: `python -m metalearn.show_episode data=quickdraw ways=5 shots=1`.
 
 Rows 1..N: the K support images of label 0..N-1 (class name on the left); below them the query
-images titled with their labels. Options: `out=path.png` (default: episode.png in the Hydra run
-dir) and `split=val|test|train` (default val: the first fixed val episode, seeded by
-data.eval_seed; train: the first episode of the first training meta-batch).
+images titled with their labels. Options: `out=path.png` (default: episode.png in the run
+directory, outputs/show_episode/runs/<date>/<time>: `task_name=show_episode`, so that
+`metalearn.report outputs/` does not take it for a training job) and `split=val|test|train`
+(default val: the first fixed val episode, seeded by data.eval_seed; train: the first
+episode of the first training meta-batch).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from metalearn.paths import conf_dir
 
 QUERY_COLUMNS = 10
 SPLITS = ("val", "test", "train")
+TASK_NAME = "show_episode"
 
 
 def episode_figure(support, query_x, query_y, class_names: list[str]):
@@ -115,7 +118,7 @@ metalearn.show_episode: draw one few-shot episode to a PNG.
 
 Usage:  python -m metalearn.show_episode [out=episode.png] [split=val|test|train] [key=value ...]
 
-  out=     the PNG to write (default: episode.png in outputs/<date>/<time>/)
+  out=     the PNG to write (default: episode.png in outputs/show_episode/runs/<date>/<time>/)
   split=   val (default: the first fixed validation episode), test, or train (the first
            episode of the first training meta-batch)
   any training setting: data=quickdraw, data=folder data.root=<your images>, ways=, shots=, ...
@@ -127,7 +130,10 @@ def cli() -> None:
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         print(USAGE)
         return
-    sys.argv[1:] = ["+" + a if a.split("=", 1)[0] in ("out", "split") else a for a in sys.argv[1:]]
+    args = ["+" + a if a.split("=", 1)[0] in ("out", "split") else a for a in sys.argv[1:]]
+    if not any(a.split("=", 1)[0] == "task_name" for a in args):
+        args.insert(0, f"task_name={TASK_NAME}")  # its own tree of run directories
+    sys.argv[1:] = args
     main()
 
 

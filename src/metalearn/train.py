@@ -1,402 +1,121 @@
-"""``run(cfg)``: validate → instantiate → fit → test → metrics.json. Returns the metrics.
+"""``run(cfg)``: train and test one configuration, top to bottom; returns the metrics.
 
-The same path serves ``train.py``, Hydra sweepers (Optuna maximises the returned
-``val/acc_best``) and the tests, which compose the real config.
+instantiate data, algorithm (network, engine), callbacks (``conf/callbacks``), loggers,
+trainer; fit; validate the final weights if no epoch ended; test the best checkpoint; the
+metrics (``metrics.json``, written however the run ends: ``metalearn.outcome``). The same
+path serves ``train.py``, Hydra sweepers (Optuna maximises the returned ``val/acc_best``), the
+Python API (``metalearn.train(cfg)``) and the tests, which compose the real config.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import json
 import logging
 import os
-import re
 import sys
-import time
 import types
-from pathlib import Path
 
 import lightning as L
-import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from metalearn import checks
-from metalearn.errors import ConfigError, MetalearnError, NonFiniteLossError
+from metalearn.errors import MetalearnError, NonFiniteLossError
+from metalearn.instantiate import (
+    build,
+    instantiate_algorithm,
+    instantiate_callbacks,
+    instantiate_datamodule,
+    instantiate_trainer,
+)
 from metalearn.interrupt import StopOnInterrupt
-from metalearn.loggers import build_loggers, logger_callbacks
-from metalearn.requeue import cluster_plugins, requeue_callbacks
-from metalearn.utils import finish_loggers, log_through_hydra, print_config_tree
+from metalearn.loggers import build_loggers
+from metalearn.outcome import RunRecord, run_info
+from metalearn.resume import checked_resume_path, run_settings
+from metalearn.utils import log_through_hydra, print_config_tree
 
 log = logging.getLogger(__name__)
 
 
-def build(node, **kwargs):
-    """``instantiate`` that surfaces our own errors (Hydra wraps them) unchanged, and names
-    the closest valid keys for a key the target does not take (e.g. ``+algo.inner_lrr``)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while cause is not None and not isinstance(cause, MetalearnError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__))
-        if unknown:
-            raise unknown_key_error(node, unknown.group(1)) from err
-        raise
-
-
-def unknown_key_error(node, key: str) -> ConfigError:
-    """ConfigError for a key that ``node._target_`` does not take, naming the close ones."""
-    from hydra.utils import get_object
-
-    where = node._get_full_key(None)
-    params = inspect.signature(get_object(node._target_)).parameters
-    valid = [p for p in params if p not in ("self", "args", "kwargs")]
-    close = difflib.get_close_matches(key, valid, n=3)
-    hint = f"did you mean {' or '.join(f'{where}.{c}' for c in close)}? " if close else ""
-    return ConfigError(
-        f"{where}.{key} is not a setting of {node._target_}: {hint}"
-        f"(its settings: {', '.join(valid)})"
-    )
-
-
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; write ``metrics.json`` into ``cfg.output_dir``."""
-    start = time.time()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics, loggers = {"status": "running"}, []
-    trainer, stopper, fitted = None, None, False
-    try:
+    with RunRecord(cfg) as record:
         checks.validate_config(cfg)
-        metrics = {**run_info(cfg), **metrics}
+        record.started(**run_info(cfg))
         if cfg.get("print_config", True):
             print_config_tree(cfg)
         L.seed_everything(cfg.seed, workers=True)
-        datamodule = build(cfg.data)
-        datamodule.setup()  # raises ConfigError/DataError before anything is trained
-        resolve_data_shape(cfg, datamodule)
-        metrics["queries"] = datamodule.queries  # queries=auto resolved
-        algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
-        algo.run_config = run_settings(cfg)
-        algo.preprocessing = datamodule.preprocessing().to_dict()
+
+        datamodule = instantiate_datamodule(cfg)
+        record.update(queries=datamodule.queries)  # queries=auto resolved
+        settings = run_settings(cfg)
+        algo = record.algo = instantiate_algorithm(cfg, datamodule, settings)
         if not algo.uses_engine:
-            log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
-            metrics["engine"] = None
-        ckpt_path = resume_path(cfg.get("ckpt_path"), out)
-        if ckpt_path:
-            check_resume(ckpt_path, algo.run_config)
-        checkpoint, last = checkpoint_callbacks(out / "checkpoints")
-        stopper = StopOnInterrupt(last_path=out / "checkpoints" / "last.ckpt")
-        loggers = build_loggers(cfg, ckpt_path, build=build)
-        trainer = build(
-            cfg.trainer,
-            logger=loggers or False,
-            callbacks=[
-                checkpoint,
-                last,
-                stopper,
-                *progress_bar(cfg),
-                *logger_callbacks(loggers),  # W&B run id in checkpoints; last step logged
-                *requeue_callbacks(stopper.last_path),  # hydra/launcher=slurm: time limits
-            ],
-            plugins=[AtomicCheckpointIO(), *cluster_plugins()],
-            default_root_dir=str(out),
+            record.update(engine=None)
+        ckpt_path = checked_resume_path(cfg, settings)
+        callbacks = instantiate_callbacks(cfg)
+        record.stopper = interrupt_handler(cfg, callbacks)
+        loggers = record.loggers = build_loggers(cfg, ckpt_path, build=build)
+        trainer = record.trainer = instantiate_trainer(
+            cfg, callbacks, loggers, record.stopper.last_path
         )
-        try:
-            trainer.fit(algo, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SIGTERMException:
-            if not stopper.terminated:  # DDP: Lightning's handling, nothing written here
-                raise
-        except NonFiniteLossError as err:
-            kept = last.best_model_path or checkpoint.best_model_path or "none yet"
-            raise NonFiniteLossError(
-                f"{err} Last checkpoint, written before the failure (finite weights; check its"
-                f" val/acc before resuming from it): {kept}"
-            ) from err
-        best, fitted = checkpoint.best_model_path or None, True
-        if stopper.requested or stopper.terminated:  # checkpointed where it stopped; no test
-            by = "SIGTERM" if stopper.terminated else "Ctrl-C"
-            done = outcome(cfg, trainer, algo, best, time.time() - start)
-            error = f"interrupted ({by}) at step {trainer.global_step}"
-            metrics = {**metrics, **interrupted_outcome(done, error, stopper)}
-            return metrics
+
+        fit(trainer, algo, datamodule, ckpt_path, record.stopper, callbacks)
+        record.best, record.fitted = best_checkpoint(callbacks), True
+        if record.stopper.requested or record.stopper.terminated:  # saved where it stopped
+            by = "SIGTERM" if record.stopper.terminated else "Ctrl-C"
+            return record.stopped(f"interrupted ({by}) at step {trainer.global_step}")
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
-            log.warning(
-                "no validation ran in this fit (it stopped before an epoch's end: "
-                "trainer.max_steps=%s, data.batches_per_epoch=%s): validating the final weights",
-                cfg.trainer.max_steps,
-                datamodule.batches_per_epoch,
-            )
-            trainer.validate(algo, datamodule=datamodule, verbose=False)
-            best = last.best_model_path or None  # last.ckpt: the weights just validated
+            validate_final_weights(cfg, trainer, algo, datamodule)
+            record.best = last_checkpoint(callbacks) or record.best  # the weights just validated
         if cfg.get("test", True):
-            trainer.test(algo, datamodule=datamodule, ckpt_path=best, weights_only=False)
-        metrics = {**metrics, **outcome(cfg, trainer, algo, best, time.time() - start)}
-    except BaseException as err:
-        stopped = interrupted(err, trainer)
-        if stopped and fitted:  # while testing: keep the training
-            done = outcome(cfg, trainer, algo, best, time.time() - start)
-            error = (
-                "interrupted while testing; the same command with ckpt_path="
-                f"{stopper.resume_from()} tests it"
-            )
-            metrics = {**metrics, **interrupted_outcome(done, error, stopper)}
-        elif stopped:
-            by = "SIGTERM" if isinstance(err, SIGTERMException) else "Ctrl-C"
-            metrics = {**metrics, "status": "interrupted", "error": f"aborted ({by})"}
-        else:
-            metrics = {**metrics, "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        raise
-    finally:
-        write_metrics(out, metrics)
-        finish_loggers(loggers, failed=metrics.get("status") != "ok")
-    return metrics
+            trainer.test(algo, datamodule=datamodule, ckpt_path=record.best, weights_only=False)
+        return record.finished()
 
 
-def resolve_data_shape(cfg: DictConfig, datamodule) -> None:
-    """``data.image_size`` / ``data.channels`` left null (a folder's own size, colour if any
-    image is) become what the data has, so the model and the saved settings agree with it."""
-    for key in ("image_size", "channels"):
-        if cfg.data.get(key, "missing") is None:
-            cfg.data[key] = getattr(datamodule, key)
-
-
-def interrupted_outcome(done: dict, error: str, stopper: StopOnInterrupt) -> dict:
-    """``outcome`` of a run stopped by a signal: status, what stopped it, where to resume."""
-    return {**done, "status": "interrupted", "error": error, "resume_from": stopper.resume_from()}
-
-
-def interrupted(err: BaseException, trainer) -> bool:
-    """Whether ``err`` ends a run that was interrupted: Ctrl-C outside a fit, Lightning's exit
-    after its own KeyboardInterrupt handling (e.g. a second Ctrl-C), or its SIGTERM stop."""
-    if isinstance(err, KeyboardInterrupt | SIGTERMException):
-        return True
-    return isinstance(err, SystemExit) and trainer is not None and trainer.interrupted
-
-
-# Keys that may change when resuming: where to read and write, how long to train, how to log,
-# which engine computes the (same) inner loop.
-FREE_TO_CHANGE = (
-    "ckpt_path",
-    "output_dir",
-    "print_config",
-    "test",
-    "trainer.",
-    "logger.",
-    "engine.",
-    "data.root",
-    "data.download",
-    "data.num_workers",
-)
-
-
-def run_settings(cfg: DictConfig) -> dict:
-    """The run's settings as flat ``key: value`` pairs (saved in checkpoints)."""
-    flat: dict = {}
-
-    def walk(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    return {k: v for k, v in flat.items() if not k.startswith("hydra.")}
-
-
-def resume_path(ckpt_path: str | None, out: Path) -> str | None:
-    """``ckpt_path`` as a file: ``last`` is this run directory's ``checkpoints/last.ckpt`` (an
-    error when there is none); ``auto`` is the same when it exists, else a fresh start, so a
-    preempted job rerun with the same command and output directory continues where it was."""
-    if ckpt_path not in ("last", "auto"):
-        return ckpt_path
-    last = out / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        log.info("ckpt_path=%s: resuming from %s", ckpt_path, last)
-        return str(last)
-    if ckpt_path == "auto":
-        return None
-    raise ConfigError(
-        f"ckpt_path=last: {out} has no checkpoints/last.ckpt yet: run in the directory of the "
-        "run to resume (output_dir=<run dir> or hydra.run.dir=<run dir>), or use ckpt_path=auto "
-        "to start fresh when there is none"
-    )
-
-
-def check_resume(ckpt_path: str, settings: dict) -> None:
-    """Compare the settings a checkpoint was trained with to this run's, before resuming.
-
-    Another network or algorithm (``model.*``, ``algo._target_``, ``ways``) cannot load the
-    checkpoint: ConfigError listing the differences. Other changes (shots, data, learning
-    rates, ...) are allowed, with a warning listing them: the curve will mix both settings.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path}: no such file (e.g. <run dir>/checkpoints/last.ckpt)"
-        )
+def fit(trainer, algo, datamodule, ckpt_path, stopper, callbacks) -> None:
+    """``trainer.fit``; a SIGTERM stop (last.ckpt written) returns, a NaN loss names the last
+    finite checkpoint."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unpickling/zip problem: the file is not a checkpoint
-        raise ConfigError(f"ckpt_path={ckpt_path} is not a readable checkpoint ({err})") from err
-    before = (saved.get("metalearn") or {}).get("config")
-    if not before:
-        return  # written before checkpoints recorded their settings
-    changed = {
-        k: (before.get(k), settings.get(k))
-        for k in sorted(set(before) | set(settings))
-        if before.get(k) != settings.get(k) and not k.startswith(FREE_TO_CHANGE)
-    }
-    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changed.items()))
-    hard = [k for k in changed if k.startswith("model.") or k in ("algo._target_", "ways")]
-    if hard:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} was trained with another network or algorithm ({listed}):"
-            f" resume with its settings (see {path.parent.parent}/.hydra/overrides.yaml)"
-        )
-    if changed:
-        log.warning("resuming %s with changed settings: %s", ckpt_path, listed)
+        trainer.fit(algo, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        if not stopper.terminated:  # DDP: Lightning's handling, nothing written here
+            raise
+    except NonFiniteLossError as err:
+        kept = last_checkpoint(callbacks) or best_checkpoint(callbacks) or "none yet"
+        raise NonFiniteLossError(
+            f"{err} Last checkpoint, written before the failure (finite weights; check its"
+            f" val/acc before resuming from it): {kept}"
+        ) from err
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<file>.tmp`` beside the checkpoint, then renames it into place: a run killed
-    while writing leaves the previous ``last.ckpt`` whole. (Lightning's own save goes through
-    a file in the system temp folder, copied over when that is another file system: not
-    atomic on a cluster's shared disk.) Remote URLs keep Lightning's way."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that remembers the best score when a run resumes in a new directory.
-
-    ``python train.py ckpt_path=<old run>/checkpoints/last.ckpt`` writes to a new run directory;
-    Lightning would then forget the best score, and the first validation after resuming would
-    become "best" however bad it is. Here the earlier best (score and file) stays the one to
-    beat and, if nothing beats it, the one tested. Lightning never deletes checkpoints outside
-    its own directory, so the earlier run's files stay as they are.
-    """
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        best = state_dict.get("best_model_path")
-        if best and Path(best).is_file():
-            state_dict = {**state_dict, "dirpath": self.dirpath}
-        super().load_state_dict(state_dict)
-
-
-def progress_bar(cfg: DictConfig) -> list:
-    """The Rich bar on a terminal; plain lines every ``trainer.log_every_n_steps * 5`` steps
-    when stdout is not one (a SLURM job, nohup, CI), where the bar would print nothing."""
-    from metalearn.progress import LineProgress, MetaProgressBar
-
-    if not cfg.trainer.get("enable_progress_bar", True):
-        return []
-    if sys.stdout.isatty():
-        return [MetaProgressBar()]
-    return [LineProgress(every=5 * int(cfg.trainer.get("log_every_n_steps", 10)))]
-
-
-def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
-    """The best checkpoint by ``val/acc`` and ``last.ckpt``, rewritten after every epoch."""
-    best = BestCheckpoint(
-        dirpath=dirpath,
-        monitor="val/acc",
-        mode="max",
-        save_top_k=1,
-        filename="best-epoch{epoch:03d}-step{step}",
-        auto_insert_metric_name=False,
+def validate_final_weights(cfg, trainer, algo, datamodule) -> None:
+    log.warning(
+        "no validation ran in this fit (it stopped before an epoch's end: "
+        "trainer.max_steps=%s, data.batches_per_epoch=%s): validating the final weights",
+        cfg.trainer.max_steps,
+        datamodule.batches_per_epoch,
     )
-    last = ModelCheckpoint(
-        dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False
-    )
-    return best, last
+    trainer.validate(algo, datamodule=datamodule, verbose=False)
 
 
-def run_info(cfg: DictConfig) -> dict:
-    return {
-        "algo": cfg.algo.name,
-        "dataset": cfg.data.name,
-        "ways": cfg.ways,
-        "shots": cfg.shots,
-        "queries": cfg.queries,
-        "episodes": cfg.data.get("episodes", "fixed"),
-        "seed": cfg.seed,
-        "engine": cfg.engine._target_.rsplit(".", 1)[-1].removesuffix("Engine").lower(),
-        "samples_per_class": cfg.data.get("samples_per_class"),
-    }
+def interrupt_handler(cfg: DictConfig, callbacks: dict) -> StopOnInterrupt:
+    """The run's ``StopOnInterrupt`` callback; without one (``~callbacks.stop_on_interrupt``),
+    an unregistered stand-in that never stops but still finds ``last.ckpt`` to resume from."""
+    for callback in callbacks.values():
+        if isinstance(callback, StopOnInterrupt):
+            return callback
+    return StopOnInterrupt(last_path=f"{cfg.output_dir}/checkpoints/last.ckpt")
 
 
-def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
-    """What a finished run adds to the metrics it started with (``run_info`` and the rest)."""
-    logged = {
-        k: float(v)
-        for k, v in trainer.callback_metrics.items()
-        if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
-    }
-    return {
-        "status": "ok",
-        **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
-        **by_episode(algo),
-        "val/acc_best": algo.val_best,
-        "test_episodes": cfg.data.test_episodes,
-        "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "wall_s": round(wall_s, 2),
-        "best_checkpoint": best or "",
-        "curve": algo.history,
-    }
+def best_checkpoint(callbacks: dict) -> str | None:
+    """The file of ``callbacks.model_checkpoint`` (the best by val/acc): the one tested."""
+    best = callbacks.get("model_checkpoint")
+    return getattr(best, "best_model_path", None) or None
 
 
-def by_episode(algo) -> dict:
-    """Test episodes of varying shapes: each one's ways, shots and accuracy (the report bins
-    them by ways and by shots)."""
-    table = getattr(algo, "test_by_episode", None)
-    return {"test/by_episode": table} if table else {}
-
-
-def write_metrics(out: Path, metrics: dict) -> None:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank != 0:  # DDP: all ranks hold the same (gathered) metrics; rank 0 writes
-        return
-    name = "metrics.json"
-    if metrics.get("status") in ("failed", "interrupted") and previous_status(out / name) == "ok":
-        name = "metrics.failed.json"  # e.g. a typo when resuming in place: keep the results
-        log.warning(
-            "this run %s (%s); metrics.json keeps the earlier completed run's results",
-            metrics["status"],
-            out / name,
-        )
-    tmp = out / f"{name}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    tmp.replace(out / name)
-
-
-def previous_status(path: Path) -> str | None:
-    try:
-        return json.loads(path.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+def last_checkpoint(callbacks: dict) -> str | None:
+    last = callbacks.get("last_checkpoint")
+    return getattr(last, "best_model_path", None) or None
 
 
 def in_multirun() -> bool:

@@ -1,0 +1,112 @@
+"""Objects from config nodes (``hydra.utils.instantiate``), with errors that name the fix."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import re
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metalearn.checkpointing import AtomicCheckpointIO
+from metalearn.errors import ConfigError, MetalearnError
+from metalearn.loggers import logger_callbacks
+from metalearn.requeue import cluster_plugins, requeue_callbacks
+
+log = logging.getLogger(__name__)
+
+
+def build(node, **kwargs):
+    """``instantiate`` that surfaces our own errors (Hydra wraps them) unchanged, and names
+    the closest valid keys for a key the target does not take (e.g. ``+algo.inner_lrr``)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, MetalearnError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err.__cause__))
+        if unknown:
+            raise unknown_key_error(node, unknown.group(1)) from err
+        raise
+
+
+def unknown_key_error(node, key: str) -> ConfigError:
+    """ConfigError for a key that ``node._target_`` does not take, naming the close ones."""
+    from hydra.utils import get_object
+
+    where = node._get_full_key(None)
+    params = inspect.signature(get_object(node._target_)).parameters
+    valid = [p for p in params if p not in ("self", "args", "kwargs")]
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f"did you mean {' or '.join(f'{where}.{c}' for c in close)}? " if close else ""
+    return ConfigError(
+        f"{where}.{key} is not a setting of {node._target_}: {hint}"
+        f"(its settings: {', '.join(valid)})"
+    )
+
+
+def instantiate_datamodule(cfg: DictConfig):
+    """``cfg.data``, set up: a missing file or an impossible episode shape is raised here,
+    before anything is trained. Settings left to the data (``data.image_size``/``channels``
+    null: a folder's own size, colour if any image is) become what it has, so the model and
+    the saved settings agree with it."""
+    datamodule = build(cfg.data)
+    datamodule.setup()
+    for key in ("image_size", "channels"):
+        if cfg.data.get(key, "missing") is None:
+            cfg.data[key] = getattr(datamodule, key)
+    return datamodule
+
+
+def instantiate_algorithm(cfg: DictConfig, datamodule, settings: dict):
+    """``cfg.algo`` with its network and engine; it carries the run's ``settings`` and the
+    data's preprocessing into its checkpoints (for resume checks and ``metalearn.load``)."""
+    algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
+    algo.run_config = settings
+    algo.preprocessing = datamodule.preprocessing().to_dict()
+    if not algo.uses_engine:
+        log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
+    return algo
+
+
+def instantiate_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
+    """``cfg.callbacks``: name -> callback; a null entry or a factory returning None (the
+    progress bar with ``trainer.enable_progress_bar=false``) is left out."""
+    callbacks = {}
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(
+                f"callbacks.{name} is not a callback: give it a _target_ (e.g. "
+                f"+callbacks.{name}._target_=lightning.pytorch.callbacks.EarlyStopping; "
+                "conf/callbacks/ has examples)"
+            )
+        callback = build(node)
+        if callback is not None:
+            callbacks[name] = callback
+    return callbacks
+
+
+def instantiate_trainer(cfg: DictConfig, callbacks: dict, loggers: list, last_ckpt) -> L.Trainer:
+    """``cfg.trainer`` with the callbacks, the loggers (and the callbacks they need: the W&B
+    run id in checkpoints, the last step logged), atomic checkpoint writes, and in a SLURM job
+    of ``hydra/launcher=slurm`` the requeue at its time limit (resuming from ``last_ckpt``)."""
+    return build(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[
+            *callbacks.values(),
+            *logger_callbacks(loggers),
+            *requeue_callbacks(last_ckpt),
+        ],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        default_root_dir=str(cfg.output_dir),
+    )
