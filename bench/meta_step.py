@@ -17,8 +17,10 @@ the meta-objective's backward and the outer Adam step. Reported:
    with Hydra, EpisodeDataModule, GBML, logging, progress bar) over the bare loop, the two
    interleaved step by step on the identical meta-batch (target <= 1.10);
 3. episodes/s the data module produces versus what training consumes;
-4. peak memory of one meta-step for 1, 5 and 10 inner steps (CPU: max RSS of a fresh
-   subprocess per point, over its RSS just before the step; CUDA: max_memory_allocated).
+4. peak memory of one meta-step for 1, 5, 10 and 20 inner steps (CPU: max RSS of a fresh
+   subprocess per point, over its RSS just before the step; CUDA: max_memory_allocated), and
+   each engine's growth: peak at the most steps over peak at the fewest (target for
+   ``func:recompute``, second order: <= 1.2 from 1 to 10 steps).
 
 On CPU the process calls ``tune_malloc()`` (glibc: no mmap'd chunks, no trimming; the same as
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>``) first, as VmapEngine does by default;
@@ -88,7 +90,7 @@ SETTINGS = {
         batch=4,
     ),
 }
-ENGINES = ("loop", "higher", "func", "vmap")
+ENGINES = ("loop", "higher", "func", "func:recompute", "vmap")
 CPU_META_BATCH = 8  # CPU default: per-task costs are what the ratios compare; 0 = full size
 INNER_LR = 0.4
 OUTER_LR = 1e-3
@@ -140,8 +142,11 @@ def engine_meta_step(
 
 
 def make_engine(name: str, malloc: bool):
-    """``higher``, ``func``, ``vmap`` (its default, chunk_size=auto), ``vmap:all`` (no
-    chunks) or ``vmap:K`` (chunks of K tasks)."""
+    """``higher``, ``func``, ``func:recompute`` (inner steps recomputed in the backward),
+    ``vmap`` (its default, chunk_size=auto), ``vmap:all`` (no chunks) or ``vmap:K`` (chunks
+    of K tasks)."""
+    if name == "func:recompute":
+        return FuncEngine(recompute=True)
     if name.startswith("vmap"):
         arg = name.split(":")[1] if ":" in name else "auto"
         chunk = {"auto": "auto", "all": None}.get(arg) or int(arg)
@@ -546,7 +551,7 @@ def report(res: dict) -> str:
     for s in res["settings"].values():
         lines.append(f"## {s['label']}")
         lines.append(
-            f"{'order':7} {'engine':7} {'median ms':>10} {'min ms':>9} {'x loop':>7}"
+            f"{'order':7} {'engine':14} {'median ms':>10} {'min ms':>9} {'x loop':>7}"
             f" {'grad diff':>10}"
         )
         for order, table in s.get("time", {}).items():
@@ -554,7 +559,7 @@ def report(res: dict) -> str:
                 ratio = f"{row['vs_loop']:.2f}" if row["vs_loop"] else "-"
                 diff = "-" if row["grad_rel_diff"] is None else f"{row['grad_rel_diff']:.1e}"
                 lines.append(
-                    f"{order:7} {engine:7} {row['median_ms']:10.1f} "
+                    f"{order:7} {engine:14} {row['median_ms']:10.1f} "
                     f"{row['min_ms']:9.1f} {ratio:>7} {diff:>10}"
                 )
         for o in s.get("overhead", []):
@@ -567,13 +572,15 @@ def report(res: dict) -> str:
                 + ", ".join(f"{k} {v:.0f}/s" for k, v in d["consumed"].items())
             )
         if s.get("memory"):
-            lines.append("peak memory of one meta-step, MB (inner steps 1/5/10 ...):")
+            lines.append("peak memory of one meta-step, MB (inner steps: MB), growth = last/first:")
             keys = sorted({(r["engine"], r["order"]) for r in s["memory"]})
             for engine, order in keys:
                 pts = [r for r in s["memory"] if (r["engine"], r["order"]) == (engine, order)]
+                growth = pts[-1]["peak_mb"] / max(pts[0]["peak_mb"], 1e-9)
                 lines.append(
-                    f"  {engine:7} {order:7} "
+                    f"  {engine:14} {order:7} "
                     + "  ".join(f"{r['inner_steps']:>2}: {r['peak_mb']:7.0f}" for r in pts)
+                    + f"  growth {growth:.2f}x"
                 )
         lines += [f"ERROR {e}" for e in s.get("errors", [])]
         lines.append("")
@@ -608,8 +615,10 @@ def parse(argv=None):
         action="store_true",
         help="overhead run without GBML's train/acc_pre forward passes (attribution)",
     )
-    p.add_argument("--memory-engines", default="func,vmap", help="'' skips memory")
-    p.add_argument("--memory-steps", default="1,5,10")
+    p.add_argument(
+        "--memory-engines", default="func,func:recompute,vmap", help="'' skips memory"
+    )
+    p.add_argument("--memory-steps", default="1,5,10,20")
     p.add_argument("--memory-settings", default="omniglot")
     p.add_argument("--no-data", action="store_true", help="skip the data-module throughput")
     p.add_argument("--synthetic", action="store_true", help="random episodes (no data files)")
@@ -680,7 +689,7 @@ def run_all(args) -> dict:
         out = res["settings"][name] = {"label": setting["label"]}
         make = random_batches if args.synthetic else real_batches
         batches = make(setting, args.device, args.pool)
-        out["time"] = time_engines(setting, batches, args)
+        out["time"] = time_engines(setting, batches, args) if args.engines else {}
         if not args.synthetic:
             out["overhead"] = []
             for e in args.overhead_engines:
@@ -691,7 +700,7 @@ def run_all(args) -> dict:
                     except Exception as err:  # report, go on with the other sections
                         out.setdefault("errors", []).append(f"overhead {e} {o}: {err!r}")
                         say(f"  overhead {e} {o} failed: {err!r}")
-            if not args.no_data:
+            if not args.no_data and args.engines:
                 out["data"] = data_rate(setting, args)
                 fastest = {
                     f"{o}-order {e}": setting["batch"] / (row["median_ms"] / 1e3)

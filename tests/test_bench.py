@@ -13,7 +13,8 @@ from tests.helpers import REPO
 
 def test_meta_step_benchmark_smoke(data_root):
     env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
-    args = "--steps 2 --warmup 0 --settings ff15 --meta-batch 2 --engines loop,func,vmap"
+    args = "--steps 2 --warmup 0 --settings ff15 --meta-batch 2"
+    args += " --engines loop,func,func:recompute,vmap"
     args += " --orders first,second --overhead-engines vmap --overhead-orders first"
     args += " --memory-engines vmap --memory-steps 1 --memory-settings ff15 --threads 1 --json"
     proc = subprocess.run(
@@ -30,6 +31,7 @@ def test_meta_step_benchmark_smoke(data_root):
         rows = ff15["time"][order]
         assert rows["loop"]["vs_loop"] == 1.0
         assert rows["func"]["grad_rel_diff"] < 1e-6  # the same computation as the loop
+        assert rows["func:recompute"]["grad_rel_diff"] < 1e-6  # recomputed, not approximated
         assert rows["vmap"]["grad_rel_diff"] < 1e-3  # float32 rounding only
     (overhead,) = ff15["overhead"]
     assert overhead["overhead"] > 0

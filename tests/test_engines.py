@@ -24,7 +24,12 @@ from metalearn.engines.vmap import VmapEngine, vmapped
 from metalearn.errors import ConfigError
 from tests.helpers import random_episodes, tiny_net
 
-ENGINES = {"higher": HigherEngine(), "func": FuncEngine(), "vmap": VmapEngine()}
+ENGINES = {
+    "higher": HigherEngine(),
+    "func": FuncEngine(),
+    "vmap": VmapEngine(),
+    "func_recompute": FuncEngine(recompute=True),  # inner steps recomputed in the backward
+}
 TIGHT = dict(rtol=1e-9, atol=1e-12)
 # A conv bias right before BatchNorm has no effect on the output: its meta-gradient is rounding
 # noise (~1e-17), which Adam scales up to lr * g / (|g| + eps) ~ 1e-10 per step.
@@ -130,7 +135,7 @@ def reference_grads(algo: str) -> dict:
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("engine", ["higher", "vmap"])
+@pytest.mark.parametrize("engine", ["higher", "vmap", "func_recompute"])
 def test_meta_gradients_equal_the_loop(engine, algo):
     got = meta_grads(engine, algo, random_episodes(batch=3))
     want = reference_grads(algo)
@@ -269,3 +274,51 @@ def test_vmap_refuses_running_statistic_updates_and_other_inner_optimizers():
         VmapEngine()(net, loop, eps)
     with pytest.raises(ConfigError, match="randomness"):
         VmapEngine(randomness="sometimes")
+
+
+class _Saved:
+    """What autograd keeps for the backward, boxed so that its lifetime can be watched."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def graph_bytes_kept(engine, steps: int) -> int:
+    """Bytes of the distinct tensors the meta-objective's graph holds until its backward."""
+    import weakref
+
+    net = tiny_net(ways=5, channels=16, image_size=28)
+    loop = InnerLoop(steps, lambda n, t: 0.1, [n for n, _ in net.named_parameters()])
+    boxes = []
+
+    def pack(t):
+        boxes.append(weakref.ref(box := _Saved(t)))
+        return box
+
+    episodes = random_episodes(batch=1, ways=5, shots=5, queries=5, size=28)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        out = engine(net, loop, episodes)
+    kept = {}
+    for ref in boxes:
+        if (box := ref()) is not None:
+            storage = box.tensor.untyped_storage()
+            kept[storage.data_ptr()] = storage.nbytes()
+    del out
+    return sum(kept.values())
+
+
+def test_recompute_keeps_one_parameter_copy_per_inner_step_not_its_activations():
+    """engine.recompute: the graph held for the backward grows by one copy of the adapted
+    parameters per inner step, not by the step's activations and double-backward graph (peak
+    memory, which adds one recomputed step, is measured in bench/meta_step.py)."""
+    params = sum(p.numel() * p.element_size() for p in tiny_net(ways=5, channels=16).parameters())
+    plain = [graph_bytes_kept(FuncEngine(), s) for s in (1, 10)]
+    flat = [graph_bytes_kept(FuncEngine(recompute=True), s) for s in (1, 10)]
+    assert flat[1] - flat[0] <= 9 * params * 1.05, f"recompute kept {flat} bytes at 1/10 steps"
+    assert plain[1] - plain[0] > 100 * (flat[1] - flat[0])  # what plain second order keeps
+
+
+def test_recompute_refuses_what_a_second_pass_would_change():
+    loop = InnerLoop(1, lambda n, t: 0.1, ["head.weight"])
+    with pytest.raises(ConfigError, match="recompute=true: .* model.bn_mode=transductive"):
+        FuncEngine(recompute=True).check(tiny_net(bn_mode="inductive").train(), loop)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from metalearn.engines.base import (
     Adapted,
@@ -15,36 +18,52 @@ from metalearn.engines.base import (
     shaped_rate,
     step_forward,
 )
+from metalearn.engines.recompute import check_recomputable, recomputed_update
 from metalearn.errors import ConfigError
 
 
-def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> tuple:
+def adapt_task(
+    forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad, recompute: bool = False
+) -> tuple:
     """Adapt ``params`` on (sx, sy); return (weighted query loss, final query accuracy, final
     query logits, detached).
 
     ``grad(f, sub) -> dict`` differentiates ``f(sub)`` w.r.t. the dict ``sub``; it is
     ``torch.autograd.grad`` in the loop engine and ``torch.func.grad`` under vmap.
+    ``recompute``: second-order steps and query passes keep only their inputs and are
+    recomputed in the outer backward (engines/recompute.py; loop engine only).
     """
+    second_order = recompute and not loop.first_order
+    query = partial(checkpoint, forward, use_reentrant=False) if second_order else forward
     fast = dict(params)
     weights = loop.weights()
     objective, logits = 0.0, None
     for t in range(loop.steps):
-
-        def support_loss(sub, t=t):
-            return cross_entropy(forward({**fast, **sub}, sx, t), sy)
-
-        grads = grad(support_loss, {n: fast[n] for n in loop.adapt})
-        for n in loop.adapt:
-            g = grads[n].detach() if loop.first_order else grads[n]
-            fast[n] = fast[n] - shaped_rate(loop.lr(n, t), g) * g
+        if second_order:
+            fast = recomputed_update(forward, fast, loop, t, sx, sy, cross_entropy)
+        else:
+            fast = sgd_update(forward, fast, loop, t, sx, sy, grad)
         if weights[t] or t == loop.steps - 1:
-            logits = forward(fast, qx, t)
+            logits = query(fast, qx, t)
             if weights[t]:
                 objective = objective + weights[t] * cross_entropy(logits, qy)
     if logits is None:  # no inner steps: score the initial parameters
         logits = forward(fast, qx, 0)
         objective = cross_entropy(logits, qy)
     return objective, accuracy(logits, qy), logits.detach()
+
+
+def sgd_update(forward, fast: dict, loop: InnerLoop, t: int, sx, sy, grad) -> dict:
+    """One inner SGD step on the support set (first order: the gradient is a constant)."""
+
+    def support_loss(sub):
+        return cross_entropy(forward({**fast, **sub}, sx, t), sy)
+
+    grads = grad(support_loss, {n: fast[n] for n in loop.adapt})
+    for n in loop.adapt:
+        g = grads[n].detach() if loop.first_order else grads[n]
+        fast = {**fast, n: fast[n] - shaped_rate(loop.lr(n, t), g) * g}
+    return fast
 
 
 def check_sgd(loop: InnerLoop, engine: str) -> None:
@@ -56,13 +75,24 @@ def check_sgd(loop: InnerLoop, engine: str) -> None:
 
 
 class FuncEngine:
-    """``functional_call`` + ``torch.autograd.grad(create_graph=not first_order)``, per task."""
+    """``functional_call`` + ``torch.autograd.grad(create_graph=not first_order)``, per task.
+
+    Args:
+        recompute: second order in memory that does not grow with the inner steps: each step
+            is recomputed in the outer backward (engines/recompute.py), one more support
+            pass per step.
+    """
 
     name = "func"
+
+    def __init__(self, recompute: bool = False):
+        self.recompute = recompute
 
     def check(self, model, loop: InnerLoop) -> None:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model``."""
         check_sgd(loop, self.name)
+        if self.recompute and model.training:
+            check_recomputable(model)
 
     def __call__(self, model, loop: InnerLoop, episodes, heads: list | None = None) -> Adapted:
         self.check(model, loop)
@@ -76,7 +106,9 @@ class FuncEngine:
         losses, accs, logits = [], [], []
         for b, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             start = params if heads is None else {**aliases(params), **heads[b]}
-            loss, acc, task_logits = adapt_task(forward, start, loop, sx, sy, qx, qy, grad)
+            loss, acc, task_logits = adapt_task(
+                forward, start, loop, sx, sy, qx, qy, grad, self.recompute
+            )
             losses.append(loss)
             accs.append(acc)
             logits.append(task_logits)
