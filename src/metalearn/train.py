@@ -10,6 +10,7 @@ import difflib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from metalearn import checks
 from metalearn.errors import ConfigError, MetalearnError, NonFiniteLossError
 from metalearn.interrupt import StopOnInterrupt
+from metalearn.tasks import CLASSIFICATION, TaskKind
 from metalearn.utils import finish_loggers, log_through_hydra, print_config_tree
 
 log = logging.getLogger(__name__)
@@ -93,15 +95,17 @@ def run(cfg: DictConfig) -> dict:
         resolve_data_shape(cfg, datamodule)
         metrics["queries"] = datamodule.queries  # queries=auto resolved
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
+        algo.task = getattr(datamodule, "task", "classification")  # its loss and metric
         algo.run_config = run_settings(cfg)
-        algo.preprocessing = datamodule.preprocessing().to_dict()
+        preprocessing = datamodule.preprocessing()  # None: points, not images
+        algo.preprocessing = preprocessing and preprocessing.to_dict()
         if not algo.uses_engine:
             log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
             metrics["engine"] = None
         ckpt_path = resume_path(cfg.get("ckpt_path"), out)
         if ckpt_path:
             check_resume(ckpt_path, algo.run_config)
-        checkpoint, last = checkpoint_callbacks(out / "checkpoints")
+        checkpoint, last = checkpoint_callbacks(out / "checkpoints", algo.task)
         stopper = StopOnInterrupt(last_path=out / "checkpoints" / "last.ckpt")
         loggers = build_loggers(cfg)
         trainer = build(
@@ -120,7 +124,7 @@ def run(cfg: DictConfig) -> dict:
             kept = last.best_model_path or checkpoint.best_model_path or "none yet"
             raise NonFiniteLossError(
                 f"{err} Last checkpoint, written before the failure (finite weights; check its"
-                f" val/acc before resuming from it): {kept}"
+                f" val/{algo.task.metric} before resuming from it): {kept}"
             ) from err
         best, fitted = checkpoint.best_model_path or None, True
         if stopper.requested or stopper.terminated:  # checkpointed where it stopped; no test
@@ -316,12 +320,15 @@ def progress_bar(cfg: DictConfig) -> list:
     return [LineProgress(every=5 * int(cfg.trainer.get("log_every_n_steps", 10)))]
 
 
-def checkpoint_callbacks(dirpath: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
-    """The best checkpoint by ``val/acc`` and ``last.ckpt``, rewritten after every epoch."""
+def checkpoint_callbacks(
+    dirpath: Path, task: TaskKind = CLASSIFICATION
+) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """The best checkpoint by the task's validation metric (the highest ``val/acc``, the
+    lowest ``val/mse``) and ``last.ckpt``, rewritten after every epoch."""
     best = BestCheckpoint(
         dirpath=dirpath,
-        monitor="val/acc",
-        mode="max",
+        monitor=f"val/{task.metric}",
+        mode=task.mode,
         save_top_k=1,
         filename="best-epoch{epoch:03d}-step{step}",
         auto_insert_metric_name=False,
@@ -352,10 +359,12 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         for k, v in trainer.callback_metrics.items()
         if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
     }
+    m = algo.task.metric
     return {
         "status": "ok",
-        **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
-        "val/acc_best": algo.val_best,
+        "metric": m,  # the task's: acc (higher is better) or mse (lower is better)
+        **{k: logged[k] for k in (f"test/{m}", f"test/{m}_ci95") if k in logged},
+        f"val/{m}_best": algo.val_best if math.isfinite(algo.val_best) else None,
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
@@ -401,7 +410,8 @@ def in_multirun() -> bool:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Entry point of ``train.py``: returns ``val/acc_best`` for Hydra sweepers.
+    """Entry point of ``train.py``: returns ``val/acc_best`` (``val/mse_best``) for Hydra
+    sweepers.
 
     In a sweep (``-m``) a failing job is recorded in its metrics.json and logged, and the
     sweep goes on with the next job. A single run prints the error's message (no traceback:
@@ -438,7 +448,7 @@ def main(cfg: DictConfig) -> float | None:
             file=sys.stderr,
         )
         raise SystemExit(143 if "SIGTERM" in metrics["error"] else 130)
-    return metrics.get("val/acc_best")
+    return metrics.get(f"val/{metrics.get('metric', 'acc')}_best")
 
 
 def configured_world_size(cfg: DictConfig) -> int:

@@ -1,8 +1,9 @@
 """EpisodicModule: what every few-shot algorithm shares.
 
 Manual optimisation, adaptation at validation/test time (with grad enabled: the Trainer must
-run with ``inference_mode=False``), accuracy with a 95 % confidence interval over the fixed
-evaluation episodes, the best validation accuracy, a learning curve kept in the checkpoint,
+run with ``inference_mode=False``), the task's metric (accuracy for classes, MSE for
+regression: ``task``, metalearn/tasks.py) with a 95 % confidence interval over the fixed
+evaluation episodes, the best validation value, a learning curve kept in the checkpoint,
 and a guard that stops on a non-finite loss before it touches the weights.
 """
 
@@ -18,13 +19,15 @@ from torch import nn
 
 from metalearn.errors import ConfigError, NonFiniteLossError
 from metalearn.models.protocol import check_backbone
+from metalearn.tasks import CLASSIFICATION, TaskKind, task_kind
 
 # Version of what ``on_save_checkpoint`` writes under "metalearn" (metalearn.load checks it).
 CHECKPOINT_FORMAT = 1
 
 
 def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
-    """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode accuracies."""
+    """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode values
+    (accuracies, MSEs)."""
     accs = accs.double()
     n = accs.numel()
     if n == 0:
@@ -62,6 +65,7 @@ class EpisodicModule(L.LightningModule):
     uses_engine = False  # whether the ``engine`` config (the differentiable inner loop) is used
     trained_head = False  # whether test-time adaptation starts from the trained N-way head
     head_init = "auto"  # how it starts for other numbers of classes (algorithms/heads.py)
+    task_kinds: tuple[str, ...] = ("classification",)  # the kinds of task it can learn
 
     def __init__(
         self,
@@ -80,7 +84,8 @@ class EpisodicModule(L.LightningModule):
         check_backbone(self.model, self.model_options().get("bn_steps", 1))
         self.optimizer_factory = optimizer
         self.cosine, self.min_lr = cosine, min_lr
-        self.val_best = 0.0
+        self._task = CLASSIFICATION
+        self.val_best = CLASSIFICATION.worst
         self.history: list[dict] = []
         self.validated = 0  # validation epochs run by this process (not saved in checkpoints)
         self.run_config: dict | None = None  # the run's composed config, set by train.run
@@ -88,6 +93,25 @@ class EpisodicModule(L.LightningModule):
         self._eval_accs: list[torch.Tensor] = []
         self._first_step = 0  # the first outer step of this fit
         self._log_step = True  # whether this training step logs (see log_train)
+
+    # ---- the kind of task: loss and metric (set from the data by train.run) -------------
+    @property
+    def task(self) -> TaskKind:
+        return self._task
+
+    @task.setter
+    def task(self, kind: str | TaskKind) -> None:
+        kind = task_kind(kind)
+        if kind.name not in self.task_kinds:
+            raise ConfigError(
+                f"algo={self.algo_name or type(self).__name__} learns "
+                f"{' and '.join(self.task_kinds)} tasks only, and this data is {kind.name}: "
+                "use a gradient-based algorithm (algo=maml, fomaml, metasgd, alpha_maml, "
+                "maml_pp, anil, reptile) or algo=finetune"
+            )
+        self._task = kind
+        if not self.history:
+            self.val_best = kind.worst
 
     # ---- hooks for subclasses -------------------------------------------------------
     def model_options(self) -> dict:
@@ -98,16 +122,16 @@ class EpisodicModule(L.LightningModule):
         return self.parameters()
 
     def query_logits(self, episodes) -> torch.Tensor:
-        """Adapt on each episode's support set; return its query logits [B, Q, N] (detached).
+        """Adapt on each episode's support set; return its query logits [B, Q, N] (regression:
+        predictions [B, Q, D]), detached.
 
         The one test-time procedure: evaluation and ``adapt(...).predict`` both go through it.
         """
         raise NotImplementedError
 
     def evaluate(self, episodes) -> torch.Tensor:
-        """Query accuracy per episode [B]."""
-        logits = self.query_logits(episodes)
-        return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+        """The task's query metric per episode [B] (accuracy, MSE)."""
+        return self.task.score(self.query_logits(episodes), episodes.query_y)
 
     # ---- a trained model in use (metalearn/learner.py) ---------------------------------
     def adapt(self, images, labels, **options):
@@ -200,8 +224,8 @@ class EpisodicModule(L.LightningModule):
         trainer = self.trainer
         return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
-    def query_acc_before(self, episodes) -> torch.Tensor:
-        """Mean query accuracy of the un-adapted model (train/acc_pre).
+    def query_metric_before(self, episodes) -> torch.Tensor:
+        """Mean query metric of the un-adapted model (train/acc_pre, train/mse_pre).
 
         Runs in eval mode so that inductive BatchNorm does not update its running statistics
         with these query batches (it normalises with them, as at test time; transductive
@@ -213,7 +237,7 @@ class EpisodicModule(L.LightningModule):
             with torch.no_grad():
                 return torch.stack(
                     [
-                        (self.model(qx).argmax(-1) == qy).float().mean()
+                        self.task.score(self.model(qx), qy)
                         for qx, qy in zip(episodes.query_x, episodes.query_y, strict=True)
                     ]
                 ).mean()
@@ -223,6 +247,7 @@ class EpisodicModule(L.LightningModule):
     def log_train(self, **values) -> None:
         """Log ``train/<key>`` on the steps whose logs are written (``logging_step``) and on
         the first step of a fit (for the progress bar); ``None`` values are skipped.
+        ``metric`` and ``metric_pre`` are logged under the task's name (``acc``, ``mse``).
 
         Logging every step cost ~1.3 ms of host time per step (Lightning's bookkeeping), which
         a launch-bound GPU meta-step feels. The values go to the CPU here, once, so that the
@@ -230,13 +255,15 @@ class EpisodicModule(L.LightningModule):
         """
         if not self._log_step:
             return
+        m = self.task.metric
         for k, v in values.items():
             if v is None:
                 continue
+            k = k.replace("metric", m)
             self.log(
                 f"train/{k}",
                 v.detach().cpu() if isinstance(v, torch.Tensor) else v,
-                prog_bar=k in ("loss", "acc"),
+                prog_bar=k in ("loss", m),
                 on_step=True,
                 batch_size=self.meta_batch_size,
             )
@@ -276,32 +303,35 @@ class EpisodicModule(L.LightningModule):
         accs = self._gathered_accs()
         if self.trainer.sanity_checking or accs.numel() == 0:
             return
-        acc, ci = mean_ci95(accs)
+        value, ci = mean_ci95(accs)
+        m = self.task.metric
         self.validated += 1
-        self.val_best = max(self.val_best, acc)
+        self.val_best = self.task.better(self.val_best, value)
         self.history.append(
             {
                 "epoch": self.current_epoch,
                 "step": self.global_step,
-                "val/acc": acc,
-                "val/acc_ci95": ci,
+                f"val/{m}": value,
+                f"val/{m}_ci95": ci,
             }
         )
         self.log_dict(
-            {"val/acc": acc, "val/acc_ci95": ci, "val/acc_best": self.val_best},
+            {f"val/{m}": value, f"val/{m}_ci95": ci, f"val/{m}_best": self.val_best},
             prog_bar=True,
             sync_dist=False,
         )
 
     def on_test_epoch_end(self) -> None:
-        acc, ci = mean_ci95(self._gathered_accs())
-        self.log_dict({"test/acc": acc, "test/acc_ci95": ci}, sync_dist=False)
+        value, ci = mean_ci95(self._gathered_accs())
+        m = self.task.metric
+        self.log_dict({f"test/{m}": value, f"test/{m}_ci95": ci}, sync_dist=False)
 
     # ---- checkpoint state beyond parameters -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["metalearn"] = {
             "format": CHECKPOINT_FORMAT,
             "preprocessing": self.preprocessing,
+            "task": self.task.name,
             "val_best": self.val_best,
             "history": self.history,
             "config": self.run_config,  # what train.run was given (checked when resuming)
@@ -313,5 +343,6 @@ class EpisodicModule(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn != "fit" and self.history:
             return
         state = checkpoint.get("metalearn", {})
-        self.val_best = state.get("val_best", 0.0)
+        self.task = state.get("task", "classification")
+        self.val_best = state.get("val_best", self.task.worst)
         self.history = list(state.get("history", []))

@@ -96,6 +96,7 @@ class GBML(EpisodicModule):
 
     uses_engine = True
     trained_head = True
+    task_kinds = ("classification", "regression")
 
     def __init__(
         self,
@@ -246,6 +247,7 @@ class GBML(EpisodicModule):
             self.first_order_now(step),
             self.step_weights(step),
             self.inner_optimizer,
+            task=self.task,
         )
 
     def eval_loop(self) -> InnerLoop:
@@ -256,18 +258,19 @@ class GBML(EpisodicModule):
             first_order=True,
             optimizer=self.inner_optimizer,
             meta=False,
+            task=self.task,
         )
 
     def training_step(self, episodes, batch_idx):
-        acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
+        before = self.query_metric_before(episodes) if self.logging_step() else None
         out = self.run_engine(self.model, self.train_loop(), episodes)
         self.outer_step(out.objective)
-        self.log_train(loss=out.loss.mean(), acc=out.acc.mean(), acc_pre=acc_pre)
+        self.log_train(loss=out.loss.mean(), metric=out.metric.mean(), metric_pre=before)
         if self.inner_rates == "hypergradient":
             self.log_train(alpha=self.rates["alpha"].detach(), beta=self.beta)
 
     def query_logits(self, episodes) -> torch.Tensor:
-        ways = int(episodes.support_y[0].max()) + 1
+        ways = self.task.outputs(episodes.support_y[0])
         init = heads.resolved(self.head_init, self.model, ways)
         if init == "trained":
             return self.run_engine(self.model, self.eval_loop(), episodes).logits

@@ -35,7 +35,7 @@ from torch.func import functional_call
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
-from metalearn.engines.base import accuracy, check_inner_optimizer
+from metalearn.engines.base import check_inner_optimizer
 from metalearn.errors import ConfigError
 
 TASK_DATA = ("all", "support")
@@ -82,6 +82,7 @@ class Reptile(EpisodicModule):
     """
 
     trained_head = True
+    task_kinds = ("classification", "regression")
 
     def __init__(
         self,
@@ -162,13 +163,14 @@ class Reptile(EpisodicModule):
             self.inner_lr,
             self.adam_beta1,
             state,
+            self.task.loss,
         )
 
     def training_step(self, episodes, batch_idx):
-        acc_pre = self.query_acc_before(episodes) if self.logging_step() else None
+        before = self.query_metric_before(episodes) if self.logging_step() else None
         theta = {n: p.detach() for n, p in self.model.named_parameters()}
         shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
-        losses, accs = [], []
+        losses, metrics = [], []
         for task, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             x, y = (
                 (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
@@ -179,21 +181,21 @@ class Reptile(EpisodicModule):
                 shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
             losses.append(loss)
             with torch.no_grad():
-                accs.append(accuracy(self.forward_with(phi, qx), qy))
+                metrics.append(self.task.score(self.forward_with(phi, qx), qy))
         surrogate = sum((p * shift[n]).sum() for n, p in self.model.named_parameters())
         eps = self.optimizers().optimizer.param_groups[0]["lr"]
         self.outer_step(surrogate)
         self.log_train(
             loss=torch.stack(losses).mean(),
-            acc=torch.stack(accs).mean(),
-            acc_pre=acc_pre,
+            metric=torch.stack(metrics).mean(),
+            metric_pre=before,
             epsilon=eps,
         )
 
     # ---- evaluation --------------------------------------------------------------------------
     def query_logits(self, episodes) -> torch.Tensor:
         logits, start = [], self.inner_state if self.eval_state is None else self.eval_state
-        ways = int(episodes.support_y[0].max()) + 1
+        ways = self.task.outputs(episodes.support_y[0])
         init = heads.resolved(self.head_init, self.model, ways)
         for sx, sy, qx in zip(*episodes[:3], strict=True):
             model, state = self.model, dict(start)

@@ -14,7 +14,9 @@ Semantics shared by all engines (tests hold them to it):
   shift phi_{t+1} = phi_t - a_t * g_t, gets -sum_{s>t} w_s * g_t . dL_s/dphi_s (as in the
   MAML++ reference code, whose first-order phase still trains its per-step rates);
 * ``step_weights`` (MAML++ multi-step loss) weight the query loss after each step; ``None``
-  means the final step only.
+  means the final step only;
+* the loss and the metric are the task's (``loop.task``: cross-entropy and accuracy for
+  classes, MSE for regression; metalearn/tasks.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
+from metalearn.tasks import CLASSIFICATION, TaskKind
 
 Rate = Callable[[str, int], "torch.Tensor | float"]
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -49,6 +52,7 @@ class InnerLoop:
     optimizer: str = "sgd"  # sgd | momentum | adam (momentum and adam: higher engine only)
     momentum: float = 0.9
     meta: bool = True  # False: adapt and score only (evaluation); no meta-objective to backward
+    task: TaskKind = CLASSIFICATION  # the loss and the metric (metalearn/tasks.py)
 
     def weights(self) -> list[float]:
         if self.step_weights is None:
@@ -62,8 +66,8 @@ class InnerLoop:
 class Adapted:
     objective: torch.Tensor  # scalar meta-objective, mean over tasks (backward me)
     loss: torch.Tensor  # [B] weighted query loss per task, detached (for logging)
-    acc: torch.Tensor  # [B] query accuracy after the last inner step
-    logits: torch.Tensor | None = None  # [B, Q, N] query logits after the last step, detached
+    metric: torch.Tensor  # [B] the task's query metric (accuracy, MSE) after the last step
+    logits: torch.Tensor | None = None  # [B, Q, N] query outputs after the last step, detached
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from metalearn.engines.base import Adapted, InnerLoop, accuracy, cross_entropy, step_forward
+from metalearn.engines.base import Adapted, InnerLoop, step_forward
 from metalearn.errors import ConfigError
 
 
 def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> tuple:
-    """Adapt ``params`` on (sx, sy); return (weighted query loss, final query accuracy, final
-    query logits, detached).
+    """Adapt ``params`` on (sx, sy); return (weighted query loss, final query metric, final
+    query outputs, detached). Loss and metric are ``loop.task``'s.
 
     ``grad(f, sub) -> dict`` differentiates ``f(sub)`` w.r.t. the dict ``sub``; it is
     ``torch.autograd.grad`` in the loop engine and ``torch.func.grad`` under vmap.
     """
     fast = dict(params)
     weights = loop.weights()
+    loss = loop.task.loss
     objective, logits = 0.0, None
     for t in range(loop.steps):
 
         def support_loss(sub, t=t):
-            return cross_entropy(forward({**fast, **sub}, sx, t), sy)
+            return loss(forward({**fast, **sub}, sx, t), sy)
 
         grads = grad(support_loss, {n: fast[n] for n in loop.adapt})
         for n in loop.adapt:
@@ -30,11 +31,11 @@ def adapt_task(forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad) -> 
         if weights[t] or t == loop.steps - 1:
             logits = forward(fast, qx, t)
             if weights[t]:
-                objective = objective + weights[t] * cross_entropy(logits, qy)
+                objective = objective + weights[t] * loss(logits, qy)
     if logits is None:  # no inner steps: score the initial parameters
         logits = forward(fast, qx, 0)
-        objective = cross_entropy(logits, qy)
-    return objective, accuracy(logits, qy), logits.detach()
+        objective = loss(logits, qy)
+    return objective, loop.task.score(logits, qy), logits.detach()
 
 
 def check_sgd(loop: InnerLoop, engine: str) -> None:
@@ -63,13 +64,13 @@ class FuncEngine:
             gs = torch.autograd.grad(f(sub), list(sub.values()), create_graph=not loop.first_order)
             return dict(zip(sub, gs, strict=True))
 
-        losses, accs, logits = [], [], []
+        losses, metrics, logits = [], [], []
         for sx, sy, qx, qy in zip(*episodes, strict=True):
-            loss, acc, task_logits = adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
+            loss, metric, task_logits = adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
             losses.append(loss)
-            accs.append(acc)
+            metrics.append(metric)
             logits.append(task_logits)
         losses = torch.stack(losses)
         return Adapted(
-            losses.mean(), losses.detach(), torch.stack(accs).detach(), torch.stack(logits)
+            losses.mean(), losses.detach(), torch.stack(metrics).detach(), torch.stack(logits)
         )

@@ -191,5 +191,5 @@ def vmapped(
         return adapt_task(forward, params, loop, sx, sy, qx, qy, grad)
 
     run = torch.func.vmap(task, randomness=randomness, chunk_size=chunk_size)
-    losses, accs, logits = run(*episodes)
-    return Adapted(losses.mean(), losses.detach(), accs.detach(), logits)
+    losses, metrics, logits = run(*episodes)
+    return Adapted(losses.mean(), losses.detach(), metrics.detach(), logits)
