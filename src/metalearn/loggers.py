@@ -5,7 +5,8 @@ Each job of a sweep is its own W&B run: ``group`` = the sweep directory (overrid
 The config is logged flat (``"algo.inner_lr": 0.4``, the keys of the command line), plus the
 job's number, overrides and directory, so W&B's parallel coordinates and group-by work on any
 key. The summary holds the last value of every logged metric: ``test/acc``,
-``test/acc_ci95``, ``val/acc_best``. Offline, the run lands in ``<job dir>/wandb/offline-run-*``
+``test/acc_ci95``, ``val/acc_best`` (regression tasks: ``test/mse``, ``test/mse_ci95``,
+``val/mse_best``). Offline, the run lands in ``<job dir>/wandb/offline-run-*``
 (upload later with ``wandb sync <job dir>/wandb/offline-run-*``).
 """
 

@@ -121,7 +121,8 @@ class FineTune(EpisodicModule):
         """The head fitted on a support set starts from zero (classes: the episode's own), or
         from the trained head (targets that mean the same in every task)."""
         if not self.task.episode_labels:
-            return {n: p.detach().clone() for n, p in self.model.head.named_parameters(prefix="head")}
+            head = self.model.head.named_parameters(prefix="head")
+            return {n: p.detach().clone() for n, p in head}
         return self.fresh_head(outputs)
 
     def fresh_head(self, ways: int) -> dict:

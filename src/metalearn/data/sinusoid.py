@@ -84,12 +84,10 @@ def fixed_tasks(family, episodes, shots, queries, eval_seed, split) -> tuple[Epi
         for e in range(episodes)
     ]
     if not drawn:
-        return Episodes(*(torch.zeros(0, n, 1) for n in (shots, shots, queries, queries))), (
-            np.zeros((0, 2))
-        )
-    return Episodes(*(torch.cat(parts) for parts in zip(*(d[0] for d in drawn)))), np.concatenate(
-        [d[1] for d in drawn]
-    )
+        empty = (torch.zeros(0, n, 1) for n in (shots, shots, queries, queries))
+        return Episodes(*empty), np.zeros((0, 2))
+    parts = zip(*(episode for episode, _ in drawn), strict=True)
+    return Episodes(*(torch.cat(p) for p in parts)), np.concatenate([t for _, t in drawn])
 
 
 class FixedSinusoidTasks(Dataset):
@@ -188,9 +186,7 @@ class SinusoidDataModule(L.LightningDataModule):
         """All fixed episodes of ``split`` (val/test) and their tasks [n, 2] (amplitude,
         phase)."""
         count = self.val_episodes if split == "val" else self.test_episodes
-        return fixed_tasks(
-            self.family, count, self.shots, self.eval_queries, self.eval_seed, split
-        )
+        return fixed_tasks(self.family, count, self.shots, self.eval_queries, self.eval_seed, split)
 
     def train_dataset(self) -> SinusoidMetaBatches:
         rank, world_size = self.shard()

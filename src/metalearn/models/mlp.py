@@ -31,7 +31,8 @@ class MLP(nn.Module):
             raise ConfigError("model.hidden must list at least one layer width, e.g. [40, 40]")
         self.in_features = in_features
         widths = [in_features, *hidden]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        pairs = zip(widths[:-1], widths[1:], strict=True)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
         self.head = nn.Linear(widths[-1], ways)
 
     def features(self, x: torch.Tensor, step: int = 0) -> torch.Tensor:
