@@ -118,6 +118,26 @@ def test_val_and_test_tasks_are_fixed_by_eval_seed_only():
     assert not np.array_equal(tasks("test"), tasks("test", eval_seed=1))
 
 
+def test_a_resumed_run_trains_on_the_same_tasks_as_an_uninterrupted_one(tmp_path):
+    torch.set_num_threads(1)
+    steps = ["data.batches_per_epoch=3", "test=false", "data.val_episodes=5"]
+    straight = sinusoid_run(tmp_path / "straight", *steps, "trainer.max_steps=5")
+    sinusoid_run(tmp_path / "part", *steps, "trainer.max_steps=2")
+    resumed = sinusoid_run(
+        tmp_path / "resumed", *steps, "trainer.max_steps=5",
+        f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}",
+    )  # fmt: skip
+    after_resume = [h for h in resumed["curve"] if h["step"] > 2]  # its first part validated too
+    assert after_resume == straight["curve"] and straight["curve"]  # the same val MSE
+
+    def weights(run_dir):
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        return ckpt["state_dict"]
+
+    for name, w in weights(tmp_path / "straight").items():
+        assert torch.equal(w, weights(tmp_path / "resumed")[name]), name
+
+
 # ---- the network and its meta-gradients ------------------------------------------------------
 def test_mlp_meets_the_backbone_contract_and_refuses_per_step_batchnorm():
     net = MLP()
@@ -275,3 +295,5 @@ def test_maml_learns_sinusoids_below_the_pretrained_baseline(tmp_path):
     assert table["maml"]["0 steps"]["mse"] == pytest.approx(unadapted, rel=1e-6)
     assert table["pretrained"]["10 steps"]["mse"] == pytest.approx(base["test/mse"], rel=1e-5)
     assert (tmp_path / "fig" / "sinusoid.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match="query_logits"):  # not an image classifier
+        learner.adapt([np.zeros((28, 28))], ["a"])

@@ -9,6 +9,7 @@ Commands (each has --help):
   python -m metalearn.adapt ckpt= support= query=      label your own images with a model
   python -m metalearn.evaluate ckpt= [key=value ...]   score a checkpoint without training
   python -m metalearn.show_episode [key=value ...]     draw one episode
+  python -m metalearn.show_sinusoid ckpt= [baseline=]  the sinusoid regression figure
 
 Python:
   import metalearn

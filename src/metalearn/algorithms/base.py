@@ -140,6 +140,13 @@ class EpisodicModule(L.LightningModule):
         See ``metalearn.learner.adapt`` for what ``images``, ``labels`` and options may be."""
         from metalearn.learner import adapt
 
+        if not self.task.episode_labels:
+            raise ConfigError(
+                f"adapt(images, labels) labels images, and this model learned {self.task.name} "
+                "tasks: adapt it to support points with query_logits(Episodes(support_x, "
+                "support_y, query_x, query_y)) (as python -m metalearn.show_sinusoid does)"
+            )
+
         return adapt(self, images, labels, **options)
 
     @classmethod
