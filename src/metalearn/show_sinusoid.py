@@ -96,8 +96,9 @@ def figure(panels: list[dict], steps: list[int]):
     for ax, p in zip(axes[0], panels, strict=True):
         ax.plot(p["x"], p["truth"], color="red", lw=2, label="ground truth")
         ax.plot(p["x"], p["pred"][0], ":", color="lightgreen", lw=2, label="pre-update")
-        for s, color in zip(steps, ("green", "darkgreen", "black", "gray"), strict=False):
-            ax.plot(p["x"], p["pred"][s], "--", color=color, lw=1.5, label=f"{s} grad step")
+        styles = (("tab:green", "--"), ("black", "-."), ("tab:blue", ":"), ("gray", "--"))
+        for s, (color, style) in zip(steps, styles, strict=False):
+            ax.plot(p["x"], p["pred"][s], style, color=color, lw=1.5, label=f"{s} grad steps")
         ax.scatter(p["sx"], p["sy"], marker="^", color="purple", s=50, zorder=3,
                    label="used for grad")  # fmt: skip
         ax.set_title(f"{p['name']}, K={len(p['sx'])}", fontsize=10)
