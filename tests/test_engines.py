@@ -126,7 +126,7 @@ def meta_grads(engine: str, algo: str, episodes) -> dict:
     return {
         n: (torch.zeros(1, dtype=torch.float64) if g is None else g.clone())
         for n, g in grads.items()
-    } | {"loss": out.loss, "acc": out.acc}
+    } | {"loss": out.loss, "metric": out.metric}
 
 
 @functools.cache

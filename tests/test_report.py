@@ -224,6 +224,7 @@ def test_curve_takes_the_end_of_an_epoch_validated_twice(tmp_path):
     assert ci == pytest.approx([0.02, 0.02])  # one run: its own CI, not a spread of two points
 
 
+<<<<<<< HEAD
 def test_long_variant_titles_are_wrapped_and_never_overlap(tmp_path):
     """Three panels side by side, each labelled by a long ablation: every title stays within
     its own panel's width and clear of the other titles and panels."""
@@ -289,3 +290,40 @@ def test_frame_has_one_row_per_run_with_the_keys_that_vary(tmp_path):
     assert df[df.status == "ok"].groupby("shots")["test/acc"].mean().to_dict() == pytest.approx(
         {1: 0.75, 5: 0.9}
     )
+=======
+def regression_run(root: Path, name: str, algo: str, shots: int, mse: float, ci: float, seed=0):
+    """A sinusoid run's metrics.json, as train.run writes it (metric: mse)."""
+    curve = [
+        {"epoch": 0, "step": 100, "val/mse": 3.0, "val/mse_ci95": 0.3},
+        {"epoch": 1, "step": 200, "val/mse": mse, "val/mse_ci95": ci},
+    ]
+    return write_run(
+        root, name, algo=algo, dataset="sinusoid", ways=1, shots=shots, seed=seed,
+        metric="mse", curve=curve, **{"test/mse": mse, "test/mse_ci95": ci, "val/mse_best": mse},
+        **{"test/acc": None, "test/acc_ci95": None, "val/acc_best": None},
+    )  # fmt: skip
+
+
+def test_regression_runs_get_mse_columns_beside_accuracy_columns(tmp_path):
+    root = tmp_path / "sweep"
+    write_run(root, "0", **{"test/acc": 0.90, "test/acc_ci95": 0.02})
+    regression_run(root, "1", "maml", 5, 0.6817, 0.0673)
+    regression_run(root, "2", "finetune", 5, 3.71, 0.41)
+    regression_run(root, "3", "maml", 10, 0.40, 0.05, seed=0)
+    regression_run(root, "4", "maml", 10, 0.50, 0.05, seed=1)
+    out = report(root, echo=False)
+    text = (root / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| dataset"))
+    assert header.endswith("| 5-shot MSE | 10-shot MSE | 5-way 1-shot |")
+    cells = {(r[0], r[2], c): cell for (r, c), cell in out["cells"].items()}
+    assert cells[("sinusoid", "maml", (1, 5))].text() == "0.682 ± 0.067"  # raw, not in %
+    assert cells[("sinusoid", "finetune", (1, 5))].text() == "3.710 ± 0.410"
+    assert cells[("sinusoid", "maml", (1, 10))].text().startswith("0.450 ± ")  # two seeds
+    assert cells[("omniglot", "maml", (5, 1))].text() == "90.0 ± 2.0"
+    assert "| sinusoid / all / maml | 0.682 ± 0.067 | 0.450 ± " in text
+    csv_text = (root / "results.csv").read_text()
+    assert "sinusoid,all,maml,,1,5,1,0,0.681700,0.067300,0.682 ± 0.067" in csv_text
+    # validation curves of MSE (lower is better), beside the accuracy panel
+    assert mean_curve([r for r in out["runs"] if r.get("algo") == "finetune"])[1] == [3.0, 3.71]
+    assert (root / "learning_curves.png").stat().st_size > 10_000
+>>>>>>> sinusoid

@@ -447,7 +447,7 @@ def test_train_metrics_are_computed_and_logged_on_logging_steps_only(
     from metalearn.algorithms.base import EpisodicModule
 
     calls, losses = [], []
-    original, log = EpisodicModule.query_acc_before, EpisodicModule.log
+    original, log = EpisodicModule.query_metric_before, EpisodicModule.log
 
     def counted(self, episodes):
         calls.append(self.global_step)
@@ -458,7 +458,7 @@ def test_train_metrics_are_computed_and_logged_on_logging_steps_only(
             losses.append(self.global_step)
         return log(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(EpisodicModule, "query_acc_before", counted)
+    monkeypatch.setattr(EpisodicModule, "query_metric_before", counted)
     monkeypatch.setattr(EpisodicModule, "log", logged)
     run_with(
         tmp_path,

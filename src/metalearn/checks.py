@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from metalearn.errors import ConfigError
+from metalearn.tasks import TaskKind, task_kind
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -14,8 +15,10 @@ def validate_config(cfg: DictConfig) -> None:
             continue
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r} must be a positive integer, e.g. {key}=5")
-    if cfg.ways < 2:
+    task = task_of(cfg)
+    if task.episode_labels and cfg.ways < 2:
         raise ConfigError(f"ways={cfg.ways}: a classification episode needs ways >= 2")
+    check_task(cfg, task)
     mbs = cfg.algo.get("meta_batch_size", 1)
     if not isinstance(mbs, int) or mbs < 1:
         raise ConfigError(f"algo.meta_batch_size={mbs!r} must be a positive integer")
@@ -68,6 +71,7 @@ def check_train_ways(cfg: DictConfig) -> None:
         )
 
 
+<<<<<<< HEAD
 def check_episode_heads(cfg: DictConfig) -> None:
     """Episodes whose number of classes varies need a head built per episode: an algorithm
     with a head and ``algo.head_init=auto`` gets Proto-MAML's prototype heads; ``trained``
@@ -83,3 +87,41 @@ def check_episode_heads(cfg: DictConfig) -> None:
         )
     if init == "auto":
         cfg.algo.head_init = "prototypes"
+=======
+def task_of(cfg: DictConfig) -> TaskKind:
+    """The kind of task the data gives (its data module's ``task``; classification if none)."""
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(cfg.data._target_)
+    except Exception:  # an unimportable target fails later, with the builder's own message
+        return task_kind("classification")
+    return task_kind(getattr(target, "task", "classification"))
+
+
+def check_task(cfg: DictConfig, task: TaskKind) -> None:
+    """Regression data (data=sinusoid) needs ways=1, an algorithm that learns regression and a
+    network that takes points; one message naming the fix for each."""
+    if task.episode_labels:
+        return
+    from hydra.utils import get_object
+
+    data = cfg.data.name
+    if cfg.ways != 1:
+        raise ConfigError(
+            f"data={data} is a regression task (one function per task): set ways=1 "
+            f"(experiment=maml_sinusoid sets it), not ways={cfg.ways}"
+        )
+    kinds = getattr(get_object(cfg.algo._target_), "task_kinds", ("classification",))
+    if task.name not in kinds:
+        raise ConfigError(
+            f"algo={cfg.algo.name} learns {' and '.join(kinds)} tasks only, and data={data} is "
+            f"{task.name}: use a gradient-based algorithm (algo=maml, fomaml, metasgd, "
+            "alpha_maml, maml_pp, anil, reptile) or algo=finetune"
+        )
+    if cfg.model.get("in_features") is None:
+        name = cfg.model._target_.rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"data={data} gives points x, and the model ({name}) takes images: use model=mlp"
+        )
+>>>>>>> sinusoid

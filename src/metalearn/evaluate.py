@@ -15,6 +15,7 @@ from pathlib import Path
 
 from metalearn.cli import default_output, main_of, parse
 from metalearn.errors import ConfigError
+from metalearn.tasks import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,21 @@ def overridden(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
+<<<<<<< HEAD
 def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = None):
+=======
+def model_option(settings: dict, conf_dir: Path) -> list[str]:
+    """``model=<name>`` for the checkpoint's network (its group option whose ``_target_`` it
+    has), so that the composed config resolves (the MLP takes no image channels)."""
+    target = settings.get("model._target_")
+    for path in sorted(Path(conf_dir, "model").glob("*.yaml")):
+        if target and f"_target_: {target}\n" in path.read_text():
+            return [f"model={path.stem}"]
+    return []
+
+
+def compose_for(settings: dict, overrides: list[str], output_dir: Path):
+>>>>>>> sinusoid
     """The training config for evaluating a checkpoint trained with ``settings`` (flat): the
     checkpoint's dataset and episode shape, then the user's ``overrides``; ``task_name``
     evaluate, so that its output goes to ``<paths.log_dir>/evaluate/runs/<date>/<time>``
@@ -59,8 +74,13 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = 
     given = overridden(overrides)
     same_data = "data" not in given
     base = [] if not same_data else [f"data={settings.get('data.name', 'omniglot')}"]
+<<<<<<< HEAD
     base += [] if "task_name" in given else ["task_name=evaluate"]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+=======
+    base += model_option(settings, CONF_DIR)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+>>>>>>> sinusoid
         try:
             fixed = ["logger=none"] + ([f"output_dir={output_dir}"] if output_dir else [])
             cfg = compose("train", overrides=[*base, *overrides, *fixed])
@@ -85,11 +105,13 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = 
     return cfg
 
 
-def model_normalisation(cfg, preprocessing: dict, overrides: list[str]) -> None:
+def model_normalisation(cfg, preprocessing: dict | None, overrides: list[str]) -> None:
     """Normalise the episodes with the statistics the model was trained with (not those of
     another dataset's meta-train split), unless ``data.normalize`` is given."""
     from omegaconf import OmegaConf
 
+    if preprocessing is None:  # points (a regression task), not images
+        return
     mean, std = preprocessing.get("mean"), preprocessing.get("std")
     if "data.normalize" not in overridden(overrides) and "normalize" in cfg.data:
         value = [list(mean), list(std)] if mean is not None and std is not None else None
@@ -97,7 +119,8 @@ def model_normalisation(cfg, preprocessing: dict, overrides: list[str]) -> None:
 
 
 def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
-    """Test accuracy of ``ckpt`` on fixed meta-test episodes; writes and returns metrics."""
+    """Test accuracy (regression: MSE) of ``ckpt`` on fixed meta-test episodes; writes and
+    returns metrics."""
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -143,9 +166,15 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         "status": "ok",
         "algo": settings.get("algo.name"),
         "queries": datamodule.queries,
+<<<<<<< HEAD
         "test/acc": float(logged["test/acc"]),
         "test/acc_ci95": float(logged["test/acc_ci95"]),
         **by_episode(learner),
+=======
+        "metric": learner.task.metric,
+        f"test/{learner.task.metric}": float(logged[f"test/{learner.task.metric}"]),
+        f"test/{learner.task.metric}_ci95": float(logged[f"test/{learner.task.metric}_ci95"]),
+>>>>>>> sinusoid
         "test_episodes": datamodule.test_episodes,
         "head_init": head_init,
         "checkpoint": str(Path(ckpt).resolve()),
@@ -170,10 +199,12 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
 def run(argv: list[str]) -> int:
     opts, overrides = parse(argv, {"ckpt": None, "output_dir": "", "head_init": "auto"}, USAGE)
     metrics = evaluate(opts["ckpt"], overrides, opts["output_dir"] or None, opts["head_init"])
+    m = metrics["metric"]
+    task = next(kind for kind in KINDS.values() if kind.metric == m)
     print(
         f"{metrics['algo']} on {metrics['dataset']} {metrics['ways']}-way {metrics['shots']}-shot"
-        f" ({metrics['test_episodes']} episodes): test/acc {metrics['test/acc']:.2%} "
-        f"± {metrics['test/acc_ci95']:.2%}"
+        f" ({metrics['test_episodes']} episodes): test/{m} {task.label(metrics[f'test/{m}'])} "
+        f"± {task.label(metrics[f'test/{m}_ci95'])}"
     )
     print(f"wrote {Path(metrics['output_dir']) / 'metrics.json'}")
     return 0

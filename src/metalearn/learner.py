@@ -97,12 +97,15 @@ def settings_of(ckpt: dict, path) -> dict:
     return config
 
 
-def preprocessing_of(ckpt: dict, config: dict) -> Preprocessing:
+def preprocessing_of(ckpt: dict, config: dict) -> Preprocessing | None:
     """The checkpoint's preprocessing; for checkpoints written before it was saved, the
-    source's own (they were all grayscale Omniglot or Quick Draw)."""
+    source's own (they were all grayscale Omniglot or Quick Draw); None for a model of points
+    (a regression task such as data=sinusoid), which has no image preprocessing."""
     saved = ckpt["metalearn"].get("preprocessing")
     if saved:
         return Preprocessing.from_dict(saved)
+    if ckpt["metalearn"].get("task", "classification") != "classification":
+        return None
     from metalearn.data.sources import FILES
 
     name = config.get("data.name", "omniglot")
@@ -144,7 +147,8 @@ def load(path, map_location="cpu", expect: type | None = None) -> EpisodicModule
             "file was edited or written by an incompatible metalearn"
         ) from err
     learner.run_config = config
-    learner.preprocessing = preprocessing_of(ckpt, config).to_dict()
+    preprocessing = preprocessing_of(ckpt, config)
+    learner.preprocessing = preprocessing and preprocessing.to_dict()
     learner.checkpoint_path = str(path)
     learner.trained_steps = ckpt.get("global_step")
     if map_location is not None:

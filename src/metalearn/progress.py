@@ -95,10 +95,11 @@ class LineProgress(ProgressBar):
         if not self._enabled or trainer.sanity_checking:
             return
         m = trainer.callback_metrics
-        if "val/acc" in m:
+        name = f"val/{pl_module.task.metric}"  # val/acc, or val/mse for regression
+        if name in m:
             print(
-                f"step {trainer.global_step}  val/acc {float(m['val/acc']):.4f} "
-                f"± {float(m.get('val/acc_ci95', 0)):.4f}  best {float(m['val/acc_best']):.4f}",
+                f"step {trainer.global_step}  {name} {float(m[name]):.4f} "
+                f"± {float(m.get(f'{name}_ci95', 0)):.4f}  best {float(m[f'{name}_best']):.4f}",
                 flush=True,
             )
 

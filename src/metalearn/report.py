@@ -5,7 +5,9 @@
 
 Every ``metrics.json`` under DIR is one run. The table follows the FF15 report's results
 figure: one row per dataset / samples per class / algorithm, one column per N-way K-shot,
-cells = meta-test accuracy ± 95 % confidence interval in %. Two kinds of interval, told apart in
+cells = meta-test accuracy ± 95 % confidence interval in % (regression runs, such as
+data=sinusoid: the mean-squared error ± its interval, lower is better, in columns "K-shot
+MSE"). Two kinds of interval, told apart in
 the cell: a cell with one run shows that run's accuracy ± its interval over its test episodes;
 a cell marked ``(n=K seeds)`` shows the mean of K runs ± the Student t interval of that mean
 across runs (t_{0.975,K-1} * std / sqrt(K)). ``k failed`` in a cell counts its runs that failed
@@ -113,6 +115,15 @@ class Run:
         if mode != "fixed":
             return 0, 0, str(mode)
         return int(self.get("ways", 0)), int(self.get("shots", 0))
+
+    @property
+    def task_metric(self) -> str:
+        """The run's task metric: acc (classes) or mse (regression); old runs: acc."""
+        return str(self.get("metric") or "acc")
+
+    def key(self, metric: str) -> str:
+        """``metric`` (say test/acc, val/acc_best) under this run's task metric (test/mse)."""
+        return metric.replace("/acc", f"/{self.task_metric}", 1)
 
 
 # ---- collecting runs -------------------------------------------------------------------
@@ -312,7 +323,8 @@ def legend(metric: str) -> str:
     """What a cell says: the caption of the table (markdown and printed)."""
     name = "meta-test accuracy" if metric == "test/acc" else metric
     return (
-        f"{name} (%) ± 95 % confidence interval; rows: dataset / samples per class / algorithm. "
+        f"{name} (%) ± 95 % confidence interval; rows: dataset / samples per class / algorithm; "
+        "columns K-shot MSE: regression runs' mean-squared error (lower is better). "
         "A cell without (n=…) is one run ± its CI over the test episodes; "
         "a cell with (n=K seeds) is the mean of K runs ± the Student t CI of that mean across "
         "runs (t_0.975,K-1 · std / √K); k failed: runs of the cell that failed, left out."
@@ -327,11 +339,16 @@ class Cell:
 
     @property
     def ok_runs(self) -> list[Run]:
-        return [r for r in self.runs if r.ok and r.get(self.metric) is not None]
+        return [r for r in self.runs if r.ok and r.get(r.key(self.metric)) is not None]
 
     @property
     def values(self) -> list[float]:
-        return [float(r.get(self.metric)) for r in self.ok_runs]
+        return [float(r.get(r.key(self.metric))) for r in self.ok_runs]
+
+    @property
+    def percent(self) -> bool:
+        """Accuracies print in %; an MSE as it is."""
+        return all(r.task_metric == "acc" for r in self.runs)
 
     @property
     def n(self) -> int:
@@ -345,7 +362,8 @@ class Cell:
     def ci95(self) -> float | None:
         """One run: its own CI over test episodes; several: t interval of the mean across runs."""
         if self.n == 1:
-            return self.ok_runs[0].get(f"{self.metric}_ci95")
+            run = self.ok_runs[0]
+            return run.get(f"{run.key(self.metric)}_ci95")
         return t_interval(self.values)
 
     @property
@@ -358,7 +376,10 @@ class Cell:
         if self.n == 0:
             return "failed" if self.failed else "n/a"
         ci = self.ci95
-        out = f"{100 * self.mean:.1f}" + ("" if ci is None else f" ± {100 * ci:.1f}")
+        scale, digits = (100, 1) if self.percent else (1, 3)
+        out = f"{scale * self.mean:.{digits}f}" + (
+            "" if ci is None else f" ± {scale * ci:.{digits}f}"
+        )
         notes = [f"n={self.n} seeds"] if self.n > 1 else []
         notes += [f"{self.failed} failed"] if self.failed else []
         return out + (f" ({', '.join(notes)})" if notes else "")
@@ -385,9 +406,18 @@ def row_label(row: tuple) -> str:
     return f"{label} [{variant}]" if variant else label
 
 
+<<<<<<< HEAD
 def col_label(col: tuple) -> str:
     if len(col) == 3:
         return f"{col[2]} episodes"
+=======
+def col_label(col: tuple[int, int], cells: dict | None = None) -> str:
+    """``5-way 1-shot``; a column of regression runs (one function per task, no ways):
+    ``5-shot MSE``."""
+    runs = [r for (_, c), cell in (cells or {}).items() if c == col for r in cell.runs]
+    if runs and all(r.task_metric != "acc" for r in runs):
+        return f"{col[1]}-shot {runs[0].task_metric.upper()}"
+>>>>>>> sinusoid
     return f"{col[0]}-way {col[1]}-shot"
 
 
@@ -488,7 +518,7 @@ def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) ->
         "",
         legend(metric),
         "",
-        "| dataset / samples / algorithm | " + " | ".join(map(col_label, cols)) + " |",
+        "| dataset / samples / algorithm | " + " | ".join(col_label(c, cells) for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
     ]
     for row in rows:
@@ -604,21 +634,32 @@ def curves_figure(runs: list[Run]):
     keys = sorted(panels, key=lambda k: (_row_key(k[:4]), k[4]))
     ncols = min(3, len(keys))
     nrows = math.ceil(len(keys) / ncols)
+    kinds = {r.task_metric for k in keys for g in panels[k].values() for r in g}
     fig, axes = plt.subplots(
+<<<<<<< HEAD
         nrows, ncols, figsize=(PANEL_WIDTH_IN * ncols, 3.4 * nrows), squeeze=False, sharey=True
+=======
+        nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False, sharey=len(kinds) == 1
+>>>>>>> sinusoid
     )
     for ax, key in zip(axes.flat, keys, strict=False):
         for shots in sorted(panels[key]):
             epochs, mean, ci = mean_curve(panels[key][shots])
-            tests = [r.get("test/acc") for r in panels[key][shots] if r.get("test/acc") is not None]
-            n = len(panels[key][shots])
+            group = panels[key][shots]
+            m_name = group[0].task_metric
+            scale = 100 if m_name == "acc" else 1
+            tests = [r.get(f"test/{m_name}") for r in group if r.get(f"test/{m_name}") is not None]
+            n = len(group)
             label = f"{shots}-shot" + (f", n={n} seeds" if n > 1 else "")
-            label += f" (test {100 * sum(tests) / len(tests):.1f} %)" if tests else ""
-            (line,) = ax.plot(epochs, [100 * m for m in mean], marker="o", ms=3, label=label)
+            if tests:
+                mean_test = sum(tests) / len(tests)
+                shown = f"{100 * mean_test:.1f} %" if scale == 100 else f"{mean_test:.3f}"
+                label += f" (test {shown})"
+            (line,) = ax.plot(epochs, [scale * m for m in mean], marker="o", ms=3, label=label)
             ax.fill_between(
                 epochs,
-                [100 * (m - c) for m, c in zip(mean, ci, strict=True)],
-                [100 * (m + c) for m, c in zip(mean, ci, strict=True)],
+                [scale * (m - c) for m, c in zip(mean, ci, strict=True)],
+                [scale * (m + c) for m, c in zip(mean, ci, strict=True)],
                 color=line.get_color(),
                 alpha=0.15,
                 lw=0,
@@ -629,8 +670,9 @@ def curves_figure(runs: list[Run]):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("validation accuracy (%)")
+        regression = next(iter(panels[key].values()))[0].task_metric != "acc"
+        if regression or ax in axes[:, 0]:
+            ax.set_ylabel("validation MSE" if regression else "validation accuracy (%)")
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     fig.suptitle(
@@ -661,9 +703,10 @@ def mean_curve(runs: list[Run]) -> tuple[list[int], list[float], list[float]]:
     for r in runs:
         # a run stopped mid-epoch (Ctrl-C) and resumed validated that epoch twice: its end wins
         last = {int(point["epoch"]): point for point in r.get("curve")}
+        m = r.task_metric
         for epoch, point in last.items():
             by_epoch[epoch + 1].append(
-                (float(point["val/acc"]), float(point.get("val/acc_ci95") or 0.0))
+                (float(point[f"val/{m}"]), float(point.get(f"val/{m}_ci95") or 0.0))
             )
     epochs = sorted(by_epoch)
     mean = [sum(a for a, _ in by_epoch[e]) / len(by_epoch[e]) for e in epochs]
@@ -735,7 +778,7 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
     )
     t.add_column("dataset / samples / algorithm")
     for c in cols:
-        t.add_column(col_label(c), justify="right")
+        t.add_column(col_label(c, cells), justify="right")
     for row in rows:
         t.add_row(
             escape(row_label(row)),
@@ -795,7 +838,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument(
         "--metric",
         default="test/acc",
-        help="metric of the cells: test/acc (default) or val/acc_best",
+        help="metric of the cells: test/acc (default) or val/acc_best (regression runs: "
+        "test/mse, val/mse_best)",
     )
     parser.add_argument("--no-plot", action="store_true", help="skip learning_curves.png")
     args = parser.parse_args(None if argv is None else list(argv))

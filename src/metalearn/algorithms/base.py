@@ -1,8 +1,9 @@
 """EpisodicModule: what every few-shot algorithm shares.
 
 Manual optimisation, adaptation at validation/test time (with grad enabled: the Trainer must
-run with ``inference_mode=False``), accuracy with a 95 % confidence interval over the fixed
-evaluation episodes, the best validation accuracy, a learning curve kept in the checkpoint,
+run with ``inference_mode=False``), the task's metric (accuracy for classes, MSE for
+regression: ``task``, metalearn/tasks.py) with a 95 % confidence interval over the fixed
+evaluation episodes, the best validation value, a learning curve kept in the checkpoint,
 and a guard that stops on a non-finite loss before it touches the weights.
 """
 
@@ -19,13 +20,15 @@ from torch import nn
 from metalearn.data.episodes import Episodes
 from metalearn.errors import ConfigError, NonFiniteLossError
 from metalearn.models.protocol import check_backbone
+from metalearn.tasks import CLASSIFICATION, TaskKind, task_kind
 
 # Version of what ``on_save_checkpoint`` writes under "metalearn" (metalearn.load checks it).
 CHECKPOINT_FORMAT = 1
 
 
 def mean_ci95(accs: torch.Tensor) -> tuple[float, float]:
-    """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode accuracies."""
+    """Mean and 95 % confidence half-width (1.96 * std / sqrt(n)) of per-episode values
+    (accuracies, MSEs)."""
     accs = accs.double()
     n = accs.numel()
     if n == 0:
@@ -73,6 +76,7 @@ class EpisodicModule(L.LightningModule):
     uses_engine = False  # whether the ``engine`` config (the differentiable inner loop) is used
     trained_head = False  # whether test-time adaptation starts from the trained N-way head
     head_init = "auto"  # how it starts for other numbers of classes (algorithms/heads.py)
+    task_kinds: tuple[str, ...] = ("classification",)  # the kinds of task it can learn
 
     def __init__(
         self,
@@ -91,7 +95,8 @@ class EpisodicModule(L.LightningModule):
         check_backbone(self.model, self.model_options().get("bn_steps", 1))
         self.optimizer_factory = optimizer
         self.cosine, self.min_lr = cosine, min_lr
-        self.val_best = 0.0
+        self._task = CLASSIFICATION
+        self.val_best = CLASSIFICATION.worst
         self.history: list[dict] = []
         self.validated = 0  # validation epochs run by this process (not saved in checkpoints)
         self.run_config: dict | None = None  # the run's composed config, set by train.run
@@ -100,6 +105,25 @@ class EpisodicModule(L.LightningModule):
         self.test_by_episode: dict | None = None  # varying shapes: each test episode's
         self._first_step = 0  # the first outer step of this fit
         self._log_step = True  # whether this training step logs (see log_train)
+
+    # ---- the kind of task: loss and metric (set from the data by train.run) -------------
+    @property
+    def task(self) -> TaskKind:
+        return self._task
+
+    @task.setter
+    def task(self, kind: str | TaskKind) -> None:
+        kind = task_kind(kind)
+        if kind.name not in self.task_kinds:
+            raise ConfigError(
+                f"algo={self.algo_name or type(self).__name__} learns "
+                f"{' and '.join(self.task_kinds)} tasks only, and this data is {kind.name}: "
+                "use a gradient-based algorithm (algo=maml, fomaml, metasgd, alpha_maml, "
+                "maml_pp, anil, reptile) or algo=finetune"
+            )
+        self._task = kind
+        if not self.history:
+            self.val_best = kind.worst
 
     # ---- hooks for subclasses -------------------------------------------------------
     def model_options(self) -> dict:
@@ -110,22 +134,21 @@ class EpisodicModule(L.LightningModule):
         return self.parameters()
 
     def query_logits(self, episodes) -> torch.Tensor:
-        """Adapt on each episode's support set; return its query logits [B, Q, N] (detached).
+        """Adapt on each episode's support set; return its query logits [B, Q, N] (regression:
+        predictions [B, Q, D]), detached.
 
         The one test-time procedure: evaluation and ``adapt(...).predict`` both go through it.
         """
         raise NotImplementedError
 
     def evaluate(self, episodes) -> torch.Tensor:
-        """Query accuracy per episode [B] (episodes of one shape or ragged)."""
-        logits = self.query_logits(episodes)
-        if torch.is_tensor(logits):
-            return (logits.argmax(-1) == episodes.query_y).float().mean(-1)
+        """The task's query metric per episode [B] (accuracy, MSE; episodes of one shape or
+        ragged)."""
+        outputs = self.query_logits(episodes)
+        if torch.is_tensor(outputs):
+            return self.task.score(outputs, episodes.query_y)
         return torch.stack(
-            [
-                (z.argmax(-1) == y).float().mean()
-                for z, y in zip(logits, episodes.query_y, strict=True)
-            ]
+            [self.task.score(z, y) for z, y in zip(outputs, episodes.query_y, strict=True)]
         )
 
     # ---- a trained model in use (metalearn/learner.py) ---------------------------------
@@ -134,6 +157,13 @@ class EpisodicModule(L.LightningModule):
 
         See ``metalearn.learner.adapt`` for what ``images``, ``labels`` and options may be."""
         from metalearn.learner import adapt
+
+        if not self.task.episode_labels:
+            raise ConfigError(
+                f"adapt(images, labels) labels images, and this model learned {self.task.name} "
+                "tasks: adapt it to support points with query_logits(Episodes(support_x, "
+                "support_y, query_x, query_y)) (as python -m metalearn.show_sinusoid does)"
+            )
 
         return adapt(self, images, labels, **options)
 
@@ -219,8 +249,8 @@ class EpisodicModule(L.LightningModule):
         trainer = self.trainer
         return bool(trainer.fast_dev_run) or trainer._logger_connector.should_update_logs
 
-    def query_acc_before(self, episodes) -> torch.Tensor:
-        """Mean query accuracy of the un-adapted model (train/acc_pre).
+    def query_metric_before(self, episodes) -> torch.Tensor:
+        """Mean query metric of the un-adapted model (train/acc_pre, train/mse_pre).
 
         Runs in eval mode so that inductive BatchNorm does not update its running statistics
         with these query batches (it normalises with them, as at test time; transductive
@@ -232,7 +262,7 @@ class EpisodicModule(L.LightningModule):
             with torch.no_grad():
                 return torch.stack(
                     [
-                        (self.model(qx).argmax(-1) == qy).float().mean()
+                        self.task.score(self.model(qx), qy)
                         for qx, qy in zip(episodes.query_x, episodes.query_y, strict=True)
                     ]
                 ).mean()
@@ -242,6 +272,7 @@ class EpisodicModule(L.LightningModule):
     def log_train(self, **values) -> None:
         """Log ``train/<key>`` on the steps whose logs are written (``logging_step``) and on
         the first step of a fit (for the progress bar); ``None`` values are skipped.
+        ``metric`` and ``metric_pre`` are logged under the task's name (``acc``, ``mse``).
 
         Logging every step cost ~1.3 ms of host time per step (Lightning's bookkeeping), which
         a launch-bound GPU meta-step feels. The values go to the CPU here, once, so that the
@@ -249,13 +280,15 @@ class EpisodicModule(L.LightningModule):
         """
         if not self._log_step:
             return
+        m = self.task.metric
         for k, v in values.items():
             if v is None:
                 continue
+            k = k.replace("metric", m)
             self.log(
                 f"train/{k}",
                 v.detach().cpu() if isinstance(v, torch.Tensor) else v,
-                prog_bar=k in ("loss", "acc"),
+                prog_bar=k in ("loss", m),
                 on_step=True,
                 batch_size=self.meta_batch_size,
             )
@@ -304,27 +337,29 @@ class EpisodicModule(L.LightningModule):
         accs = self._gathered_accs()
         if self.trainer.sanity_checking or accs.numel() == 0:
             return
-        acc, ci = mean_ci95(accs)
+        value, ci = mean_ci95(accs)
+        m = self.task.metric
         self.validated += 1
-        self.val_best = max(self.val_best, acc)
+        self.val_best = self.task.better(self.val_best, value)
         self.history.append(
             {
                 "epoch": self.current_epoch,
                 "step": self.global_step,
-                "val/acc": acc,
-                "val/acc_ci95": ci,
+                f"val/{m}": value,
+                f"val/{m}_ci95": ci,
             }
         )
         self.log_dict(
-            {"val/acc": acc, "val/acc_ci95": ci, "val/acc_best": self.val_best},
+            {f"val/{m}": value, f"val/{m}_ci95": ci, f"val/{m}_best": self.val_best},
             prog_bar=True,
             sync_dist=False,
         )
 
     def on_test_epoch_end(self) -> None:
         rows = self._gathered_rows()
-        acc, ci = mean_ci95(rows[:, 0])
-        self.log_dict({"test/acc": acc, "test/acc_ci95": ci}, sync_dist=False)
+        value, ci = mean_ci95(rows[:, 0])
+        m = self.task.metric
+        self.log_dict({f"test/{m}": value, f"test/{m}_ci95": ci}, sync_dist=False)
         # episodes of varying shapes: each one's shape and accuracy, for the report's tables
         varying = len(torch.unique(rows[:, 1:], dim=0)) > 1
         self.test_by_episode = episode_table(rows) if varying else None
@@ -334,6 +369,7 @@ class EpisodicModule(L.LightningModule):
         checkpoint["metalearn"] = {
             "format": CHECKPOINT_FORMAT,
             "preprocessing": self.preprocessing,
+            "task": self.task.name,
             "val_best": self.val_best,
             "history": self.history,
             "config": self.run_config,  # what train.run was given (checked when resuming)
@@ -345,5 +381,6 @@ class EpisodicModule(L.LightningModule):
         if self._trainer is not None and self.trainer.state.fn != "fit" and self.history:
             return
         state = checkpoint.get("metalearn", {})
-        self.val_best = state.get("val_best", 0.0)
+        self.task = state.get("task", "classification")
+        self.val_best = state.get("val_best", self.task.worst)
         self.history = list(state.get("history", []))

@@ -10,6 +10,11 @@ Evaluation, per episode: a fresh zero-initialised ``ways``-way head (zero: deter
 with a frozen body the fit is plain logistic regression) is trained on the support set for
 ``inner_steps_test`` steps, with the body frozen or, with ``finetune_all``, trained too;
 then the query set is scored.
+
+Regression (a task family such as the sinusoids, whose outputs mean the same in every
+task): the "pretrained on all tasks" baseline of Finn et al. (2017, sec. 5.1). The network
+itself, head included, is trained on batches of points pooled from random training tasks
+(``datamodule.pooled_batch``), then fine-tuned on each support set from where it is.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ HEAD = ("head.weight", "head.bias")
 
 class FineTune(EpisodicModule):
     """Args are the ``algo`` config keys (see conf/algo/finetune.yaml); ``engine`` is unused."""
+
+    task_kinds = ("classification", "regression")
 
     def __init__(
         self,
@@ -59,7 +66,9 @@ class FineTune(EpisodicModule):
 
     # ---- the pre-training classifier, sized by the data ----------------------------------
     def setup(self, stage: str) -> None:
-        if self.classifier is None:
+        # classes: pre-train a classifier over all meta-train classes; targets: the head
+        self.model.head.requires_grad_(not self.task.episode_labels)
+        if self.classifier is None and self.task.episode_labels:
             self.build_classifier(self.trainer.datamodule.splits.train.num_classes)
 
     def build_classifier(self, num_classes: int) -> None:
@@ -87,15 +96,35 @@ class FineTune(EpisodicModule):
         x = normalise(x, norm).to(self.device, self.model.head.weight.dtype)
         return x, torch.from_numpy(classes).to(self.device)
 
-    def training_step(self, episodes, batch_idx):
+    def pretraining_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images with global class labels, or a task family's points pooled over tasks."""
         data = self.trainer.datamodule
-        x, y = self.supervised_batch(data.splits.train, getattr(data, "norm", None))
-        logits = self.classifier(self.model.features(x))
-        loss = F.cross_entropy(logits, y)
+        if hasattr(data, "pooled_batch"):  # a task family (data/sinusoid.py)
+            rng = np.random.default_rng([self.seed, self.global_rank, self.global_step])
+            x, y = data.pooled_batch(rng, self.batch_size)
+            dtype = self.model.head.weight.dtype
+            return x.to(self.device, dtype), y.to(self.device, dtype)
+        return self.supervised_batch(data.splits.train, getattr(data, "norm", None))
+
+    def training_step(self, episodes, batch_idx):
+        x, y = self.pretraining_batch()
+        if self.classifier is not None:
+            out = self.classifier(self.model.features(x))
+        else:
+            out = self.model(x)
+        loss = self.task.loss(out, y)
         self.outer_step(loss)
-        self.log_train(loss=loss.detach(), acc=accuracy(logits.detach(), y))
+        self.log_train(loss=loss.detach(), metric=self.task.score(out.detach(), y))
 
     # ---- evaluation: fit a fresh head on each support set -------------------------------
+    def start_head(self, outputs: int) -> dict:
+        """The head fitted on a support set starts from zero (classes: the episode's own), or
+        from the trained head (targets that mean the same in every task)."""
+        if not self.task.episode_labels:
+            head = self.model.head.named_parameters(prefix="head")
+            return {n: p.detach().clone() for n, p in head}
+        return self.fresh_head(outputs)
+
     def fresh_head(self, ways: int) -> dict:
         dim = self.model.head.in_features
         weight = self.model.head.weight.new_zeros(ways, dim)
@@ -108,7 +137,7 @@ class FineTune(EpisodicModule):
         )
 
     def episode_logits(self, sx, sy, qx) -> torch.Tensor:
-        head = self.fresh_head(int(sy.max()) + 1)
+        head = self.start_head(self.task.outputs(sy))
         if self.finetune_all:
             params = {**dict(self.model.named_parameters()), **head}
 
@@ -122,6 +151,7 @@ class FineTune(EpisodicModule):
                 [(sx, sy)] * self.inner_steps_test,
                 self.inner_optimizer,
                 self.inner_lr,
+                loss_fn=self.task.loss,
             )
             with torch.no_grad():
                 return forward(fitted, qx)
@@ -138,6 +168,7 @@ class FineTune(EpisodicModule):
             [(fs, sy)] * self.inner_steps_test,
             self.inner_optimizer,
             self.inner_lr,
+            loss_fn=self.task.loss,
         )
         with torch.no_grad():
             return linear(fitted, fq)

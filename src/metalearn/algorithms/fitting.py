@@ -31,11 +31,13 @@ def fit(
     lr: float,
     adam_beta1: float = 0.9,
     state: dict | None = None,
+    loss_fn: Callable = F.cross_entropy,
 ) -> tuple[dict, torch.Tensor]:
     """Train the ``train`` entries of a copy of ``params``, one optimizer step per batch.
 
     ``state`` (parameter name -> that parameter's optimizer state, e.g. Adam's moments and step
     count) starts the optimizer where an earlier fit left it, and receives the new state.
+    ``loss_fn(outputs, y)``: the task's loss (cross-entropy for classes, MSE for targets).
     Returns the fitted parameters (detached) and the loss of the last step.
     """
     fast = {n: p.detach().clone() for n, p in params.items()}
@@ -46,7 +48,7 @@ def fit(
             opt.state[p] = {k: v.clone().to(p.device) for k, v in state[n].items()}
     loss = torch.tensor(float("nan"))
     for x, y in batches:
-        loss = F.cross_entropy(forward(fast, x), y)
+        loss = loss_fn(forward(fast, x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

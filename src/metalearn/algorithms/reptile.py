@@ -40,8 +40,12 @@ from torch.func import functional_call
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
+<<<<<<< HEAD
 from metalearn.data.episodes import Episodes
 from metalearn.engines.base import accuracy, check_inner_optimizer, collect, is_ragged
+=======
+from metalearn.engines.base import check_inner_optimizer
+>>>>>>> sinusoid
 from metalearn.errors import ConfigError
 
 TASK_DATA = ("all", "support")
@@ -93,6 +97,7 @@ class Reptile(EpisodicModule):
     """
 
     trained_head = True
+    task_kinds = ("classification", "regression")
 
     def __init__(
         self,
@@ -178,6 +183,7 @@ class Reptile(EpisodicModule):
             self.inner_lr,
             self.adam_beta1,
             state,
+            self.task.loss,
         )
 
     def head_kind(self, episodes) -> str:
@@ -192,6 +198,7 @@ class Reptile(EpisodicModule):
         return heads.with_head(self.model, sx, sy, int(sy.max()) + 1, kind)
 
     def training_step(self, episodes, batch_idx):
+<<<<<<< HEAD
         kind = self.head_kind(episodes)
         log_pre = self.logging_step() and kind == "trained"  # per-episode heads: no "before"
         acc_pre = self.query_acc_before(episodes) if log_pre else None
@@ -199,6 +206,12 @@ class Reptile(EpisodicModule):
         shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
         moved = [n for n in shift if kind == "trained" or not n.startswith("head.")]
         losses, accs = [], []
+=======
+        before = self.query_metric_before(episodes) if self.logging_step() else None
+        theta = {n: p.detach() for n, p in self.model.named_parameters()}
+        shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
+        losses, metrics = [], []
+>>>>>>> sinusoid
         for task, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             x, y = (
                 (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
@@ -213,21 +226,30 @@ class Reptile(EpisodicModule):
                 shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
             losses.append(loss)
             with torch.no_grad():
+<<<<<<< HEAD
                 accs.append(accuracy(functional_call(model, phi, (qx,)), qy))
+=======
+                metrics.append(self.task.score(self.forward_with(phi, qx), qy))
+>>>>>>> sinusoid
         surrogate = sum((p * shift[n]).sum() for n, p in self.model.named_parameters())
         eps = self.optimizers().optimizer.param_groups[0]["lr"]
         self.outer_step(surrogate)
         self.log_train(
             loss=torch.stack(losses).mean(),
-            acc=torch.stack(accs).mean(),
-            acc_pre=acc_pre,
+            metric=torch.stack(metrics).mean(),
+            metric_pre=before,
             epsilon=eps,
         )
 
     # ---- evaluation --------------------------------------------------------------------------
     def query_logits(self, episodes) -> torch.Tensor:
         logits, start = [], self.inner_state if self.eval_state is None else self.eval_state
+<<<<<<< HEAD
         kind = self.head_kind(episodes)
+=======
+        ways = self.task.outputs(episodes.support_y[0])
+        init = heads.resolved(self.head_init, self.model, ways)
+>>>>>>> sinusoid
         for sx, sy, qx in zip(*episodes[:3], strict=True):
             model = self.task_model(sx, sy, kind)
             # a new head: the trained head's optimizer state is moot

@@ -23,6 +23,8 @@ Semantics shared by all engines (tests hold them to it):
 * a per-element rate (Meta-SGD) of a head another width than the task's (a head built per
   episode) applies its mean over classes (``shaped_rate``): labels are permuted per episode,
   so no row is special.
+* the loss and the metric are the task's (``loop.task``: cross-entropy and accuracy for
+  classes, MSE for regression; metalearn/tasks.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metalearn.errors import ConfigError
+from metalearn.tasks import CLASSIFICATION, TaskKind
 
 Rate = Callable[[str, int], "torch.Tensor | float"]
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -57,6 +60,7 @@ class InnerLoop:
     optimizer: str = "sgd"  # sgd | momentum | adam (momentum and adam: higher engine only)
     momentum: float = 0.9
     meta: bool = True  # False: adapt and score only (evaluation); no meta-objective to backward
+    task: TaskKind = CLASSIFICATION  # the loss and the metric (metalearn/tasks.py)
 
     def weights(self) -> list[float]:
         if self.step_weights is None:
@@ -70,8 +74,8 @@ class InnerLoop:
 class Adapted:
     objective: torch.Tensor  # scalar meta-objective, mean over tasks (backward me)
     loss: torch.Tensor  # [B] weighted query loss per task, detached (for logging)
-    acc: torch.Tensor  # [B] query accuracy after the last inner step
-    logits: torch.Tensor | tuple | None = None  # [B, Q, N] query logits, detached (ragged: a
+    metric: torch.Tensor  # [B] the task's query metric (accuracy, MSE) after the last step
+    logits: torch.Tensor | tuple | None = None  # [B, Q, N] query outputs, detached (ragged: a
     # tuple of [Q_b, N_b])
 
 

@@ -10,10 +10,8 @@ from torch.utils.checkpoint import checkpoint
 from metalearn.engines.base import (
     Adapted,
     InnerLoop,
-    accuracy,
     aliases,
     collect,
-    cross_entropy,
     is_ragged,
     shaped_rate,
     step_forward,
@@ -25,8 +23,8 @@ from metalearn.errors import ConfigError
 def adapt_task(
     forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad, recompute: bool = False
 ) -> tuple:
-    """Adapt ``params`` on (sx, sy); return (weighted query loss, final query accuracy, final
-    query logits, detached).
+    """Adapt ``params`` on (sx, sy); return (weighted query loss, final query metric, final
+    query outputs, detached). Loss and metric are ``loop.task``'s.
 
     ``grad(f, sub) -> dict`` differentiates ``f(sub)`` w.r.t. the dict ``sub``; it is
     ``torch.autograd.grad`` in the loop engine and ``torch.func.grad`` under vmap.
@@ -37,27 +35,28 @@ def adapt_task(
     query = partial(checkpoint, forward, use_reentrant=False) if second_order else forward
     fast = dict(params)
     weights = loop.weights()
+    loss = loop.task.loss
     objective, logits = 0.0, None
     for t in range(loop.steps):
         if second_order:
-            fast = recomputed_update(forward, fast, loop, t, sx, sy, cross_entropy)
+            fast = recomputed_update(forward, fast, loop, t, sx, sy, loss)
         else:
             fast = sgd_update(forward, fast, loop, t, sx, sy, grad)
         if weights[t] or t == loop.steps - 1:
             logits = query(fast, qx, t)
             if weights[t]:
-                objective = objective + weights[t] * cross_entropy(logits, qy)
+                objective = objective + weights[t] * loss(logits, qy)
     if logits is None:  # no inner steps: score the initial parameters
         logits = forward(fast, qx, 0)
-        objective = cross_entropy(logits, qy)
-    return objective, accuracy(logits, qy), logits.detach()
+        objective = loss(logits, qy)
+    return objective, loop.task.score(logits, qy), logits.detach()
 
 
 def sgd_update(forward, fast: dict, loop: InnerLoop, t: int, sx, sy, grad) -> dict:
     """One inner SGD step on the support set (first order: the gradient is a constant)."""
 
     def support_loss(sub):
-        return cross_entropy(forward({**fast, **sub}, sx, t), sy)
+        return loop.task.loss(forward({**fast, **sub}, sx, t), sy)
 
     grads = grad(support_loss, {n: fast[n] for n in loop.adapt})
     for n in loop.adapt:
@@ -103,19 +102,19 @@ class FuncEngine:
             gs = torch.autograd.grad(f(sub), list(sub.values()), create_graph=not loop.first_order)
             return dict(zip(sub, gs, strict=True))
 
-        losses, accs, logits = [], [], []
+        losses, metrics, logits = [], [], []
         for b, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             start = params if heads is None else {**aliases(params), **heads[b]}
-            loss, acc, task_logits = adapt_task(
+            loss, metric, task_logits = adapt_task(
                 forward, start, loop, sx, sy, qx, qy, grad, self.recompute
             )
             losses.append(loss)
-            accs.append(acc)
+            metrics.append(metric)
             logits.append(task_logits)
         losses = torch.stack(losses)
         return Adapted(
             losses.mean(),
             losses.detach(),
-            torch.stack(accs).detach(),
+            torch.stack(metrics).detach(),
             collect(logits, is_ragged(episodes)),
         )

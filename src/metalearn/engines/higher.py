@@ -17,11 +17,9 @@ import torch
 from metalearn.engines.base import (
     Adapted,
     InnerLoop,
-    accuracy,
     aliases,
     check_inner_optimizer,
     collect,
-    cross_entropy,
     is_ragged,
     shaped_rate,
 )
@@ -71,7 +69,8 @@ class HigherEngine:
         names, theta = list(named), list(named.values())
         opt = inner_optimizer(loop, [named[n] for n in loop.adapt])
         weights = loop.weights()
-        objectives, losses, accs, query_logits = [], [], [], []
+        task_loss = loop.task.loss
+        objectives, losses, metrics, query_logits = [], [], [], []
         for b, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             with higher.innerloop_ctx(
                 model, opt, copy_initial_weights=False, track_higher_grads=not loop.first_order
@@ -90,7 +89,7 @@ class HigherEngine:
                     keep = loop.first_order and loop.optimizer == "sgd" and any(learned)
                     seen: list = []  # the support gradients diffopt computes (all parameters)
                     diffopt.step(
-                        cross_entropy(fmodel(sx, step=t), sy),
+                        task_loss(fmodel(sx, step=t), sy),
                         override={"lr": rates},
                         grad_callback=recorder(seen) if keep else None,
                     )
@@ -104,23 +103,23 @@ class HigherEngine:
                     if weights[t] or t == loop.steps - 1:
                         logits = fmodel(qx, step=t)
                         if weights[t]:
-                            q_loss = weights[t] * cross_entropy(logits, qy)
+                            q_loss = weights[t] * task_loss(logits, qy)
                             loss = loss + q_loss.detach()
                             objective = objective + self._meta_term(
                                 q_loss, fmodel, start, loop, shifts, names
                             )
                 if logits is None:
                     logits = fmodel(qx, step=0)
-                    objective = loss = cross_entropy(logits, qy)
+                    objective = loss = task_loss(logits, qy)
                 sync_buffers(fmodel, model)
             objectives.append(objective)
             losses.append(torch.as_tensor(loss).detach())
-            accs.append(accuracy(logits, qy).detach())
+            metrics.append(loop.task.score(logits, qy).detach())
             query_logits.append(logits.detach())
         return Adapted(
             torch.stack(objectives).mean(),
             torch.stack(losses),
-            torch.stack(accs),
+            torch.stack(metrics),
             collect(query_logits, is_ragged(episodes)),
         )
 

@@ -227,5 +227,5 @@ def vmapped_tasks(model, loop, episodes, randomness="error", chunk_size=None, he
         return adapt_task(forward, {**params, **head}, loop, sx, sy, qx, qy, grad)
 
     run = torch.func.vmap(task, randomness=randomness, chunk_size=chunk_size)
-    losses, accs, logits = run(*episodes, heads or {})
-    return losses, accs, logits.detach()
+    losses, metrics, logits = run(*episodes, heads or {})
+    return losses, metrics, logits.detach()
