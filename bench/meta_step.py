@@ -615,9 +615,7 @@ def parse(argv=None):
         action="store_true",
         help="overhead run without GBML's train/acc_pre forward passes (attribution)",
     )
-    p.add_argument(
-        "--memory-engines", default="func,func:recompute,vmap", help="'' skips memory"
-    )
+    p.add_argument("--memory-engines", default="func,func:recompute,vmap", help="'' skips memory")
     p.add_argument("--memory-steps", default="1,5,10,20")
     p.add_argument("--memory-settings", default="omniglot")
     p.add_argument("--no-data", action="store_true", help="skip the data-module throughput")

@@ -224,7 +224,6 @@ def test_curve_takes_the_end_of_an_epoch_validated_twice(tmp_path):
     assert ci == pytest.approx([0.02, 0.02])  # one run: its own CI, not a spread of two points
 
 
-<<<<<<< HEAD
 def test_long_variant_titles_are_wrapped_and_never_overlap(tmp_path):
     """Three panels side by side, each labelled by a long ablation: every title stays within
     its own panel's width and clear of the other titles and panels."""
@@ -290,7 +289,8 @@ def test_frame_has_one_row_per_run_with_the_keys_that_vary(tmp_path):
     assert df[df.status == "ok"].groupby("shots")["test/acc"].mean().to_dict() == pytest.approx(
         {1: 0.75, 5: 0.9}
     )
-=======
+
+
 def regression_run(root: Path, name: str, algo: str, shots: int, mse: float, ci: float, seed=0):
     """A sinusoid run's metrics.json, as train.run writes it (metric: mse)."""
     curve = [
@@ -326,4 +326,3 @@ def test_regression_runs_get_mse_columns_beside_accuracy_columns(tmp_path):
     # validation curves of MSE (lower is better), beside the accuracy panel
     assert mean_curve([r for r in out["runs"] if r.get("algo") == "finetune"])[1] == [3.0, 3.71]
     assert (root / "learning_curves.png").stat().st_size > 10_000
->>>>>>> sinusoid

@@ -20,21 +20,16 @@ COMMANDS = {
         "[key=value ...]",
         "draw one episode to a PNG",
     ),
+    "metalearn-sinusoid": (
+        "python -m metalearn.show_sinusoid",
+        "ckpt= [baseline=]",
+        "the sinusoid regression figure",
+    ),
 }
 
-<<<<<<< HEAD
 PYTHON_API = """\
 Your own configs: a conf/ folder in the working directory adds options to the packaged ones
   (conf/experiment/mine.yaml -> metalearn-train experiment=mine).
-=======
-Commands (each has --help):
-  python train.py [key=value ...]                      train and test (a sweep with -m)
-  python -m metalearn.report <dir>                     results table and learning curves
-  python -m metalearn.adapt ckpt= support= query=      label your own images with a model
-  python -m metalearn.evaluate ckpt= [key=value ...]   score a checkpoint without training
-  python -m metalearn.show_episode [key=value ...]     draw one episode
-  python -m metalearn.show_sinusoid ckpt= [baseline=]  the sinusoid regression figure
->>>>>>> sinusoid
 
 Python:
   import metalearn

@@ -71,7 +71,6 @@ def check_train_ways(cfg: DictConfig) -> None:
         )
 
 
-<<<<<<< HEAD
 def check_episode_heads(cfg: DictConfig) -> None:
     """Episodes whose number of classes varies need a head built per episode: an algorithm
     with a head and ``algo.head_init=auto`` gets Proto-MAML's prototype heads; ``trained``
@@ -87,7 +86,8 @@ def check_episode_heads(cfg: DictConfig) -> None:
         )
     if init == "auto":
         cfg.algo.head_init = "prototypes"
-=======
+
+
 def task_of(cfg: DictConfig) -> TaskKind:
     """The kind of task the data gives (its data module's ``task``; classification if none)."""
     from hydra.utils import get_object
@@ -124,4 +124,3 @@ def check_task(cfg: DictConfig, task: TaskKind) -> None:
         raise ConfigError(
             f"data={data} gives points x, and the model ({name}) takes images: use model=mlp"
         )
->>>>>>> sinusoid

@@ -48,9 +48,6 @@ def overridden(overrides: list[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-<<<<<<< HEAD
-def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = None):
-=======
 def model_option(settings: dict, conf_dir: Path) -> list[str]:
     """``model=<name>`` for the checkpoint's network (its group option whose ``_target_`` it
     has), so that the composed config resolves (the MLP takes no image channels)."""
@@ -61,8 +58,7 @@ def model_option(settings: dict, conf_dir: Path) -> list[str]:
     return []
 
 
-def compose_for(settings: dict, overrides: list[str], output_dir: Path):
->>>>>>> sinusoid
+def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = None):
     """The training config for evaluating a checkpoint trained with ``settings`` (flat): the
     checkpoint's dataset and episode shape, then the user's ``overrides``; ``task_name``
     evaluate, so that its output goes to ``<paths.log_dir>/evaluate/runs/<date>/<time>``
@@ -74,13 +70,9 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path):
     given = overridden(overrides)
     same_data = "data" not in given
     base = [] if not same_data else [f"data={settings.get('data.name', 'omniglot')}"]
-<<<<<<< HEAD
     base += [] if "task_name" in given else ["task_name=evaluate"]
+    base += model_option(settings, conf_dir())
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-=======
-    base += model_option(settings, CONF_DIR)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
->>>>>>> sinusoid
         try:
             fixed = ["logger=none"] + ([f"output_dir={output_dir}"] if output_dir else [])
             cfg = compose("train", overrides=[*base, *overrides, *fixed])
@@ -166,15 +158,10 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         "status": "ok",
         "algo": settings.get("algo.name"),
         "queries": datamodule.queries,
-<<<<<<< HEAD
-        "test/acc": float(logged["test/acc"]),
-        "test/acc_ci95": float(logged["test/acc_ci95"]),
-        **by_episode(learner),
-=======
         "metric": learner.task.metric,
         f"test/{learner.task.metric}": float(logged[f"test/{learner.task.metric}"]),
         f"test/{learner.task.metric}_ci95": float(logged[f"test/{learner.task.metric}_ci95"]),
->>>>>>> sinusoid
+        **by_episode(learner),
         "test_episodes": datamodule.test_episodes,
         "head_init": head_init,
         "checkpoint": str(Path(ckpt).resolve()),

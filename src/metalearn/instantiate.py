@@ -16,6 +16,7 @@ from metalearn.checkpointing import AtomicCheckpointIO
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.loggers import logger_callbacks
 from metalearn.requeue import cluster_plugins, requeue_callbacks
+from metalearn.tasks import CLASSIFICATION, TaskKind
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,22 @@ def instantiate_algorithm(cfg: DictConfig, datamodule, settings: dict):
     """``cfg.algo`` with its network and engine; it carries the run's ``settings`` and the
     data's preprocessing into its checkpoints (for resume checks and ``metalearn.load``)."""
     algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
+    algo.task = getattr(datamodule, "task", "classification")  # its loss and metric
     algo.run_config = settings
-    algo.preprocessing = datamodule.preprocessing().to_dict()
+    preprocessing = datamodule.preprocessing()  # None: points, not images
+    algo.preprocessing = preprocessing and preprocessing.to_dict()
     if not algo.uses_engine:
         log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
     return algo
 
 
-def instantiate_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
+def instantiate_callbacks(
+    cfg: DictConfig, task: TaskKind = CLASSIFICATION
+) -> dict[str, L.Callback]:
     """``cfg.callbacks``: name -> callback; a null entry or a factory returning None (the
-    progress bar with ``trainer.enable_progress_bar=false``) is left out."""
+    progress bar with ``trainer.enable_progress_bar=false``) is left out. A callback watching
+    ``val/acc`` (the best checkpoint, early stopping) watches the task's metric instead on
+    other tasks (regression: the lowest ``val/mse``)."""
     callbacks = {}
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
@@ -89,7 +96,9 @@ def instantiate_callbacks(cfg: DictConfig) -> dict[str, L.Callback]:
                 f"+callbacks.{name}._target_=lightning.pytorch.callbacks.EarlyStopping; "
                 "conf/callbacks/ has examples)"
             )
-        callback = build(node)
+        follow = node.get("monitor") == "val/acc" and task.metric != "acc"
+        extra = {"monitor": f"val/{task.metric}", "mode": task.mode} if follow else {}
+        callback = build(node, **extra)
         if callback is not None:
             callbacks[name] = callback
     return callbacks

@@ -1,25 +1,15 @@
 """Loggers: W&B that never hangs without network or API key, one run per job; the loggers
 of ``logger=[...]`` built and given the run's config; the last step of a fit always logged.
 
-<<<<<<< HEAD
 W&B, as its Hydra guide prescribes: the config is logged nested (``{"algo": {"inner_lr": 0.4}}``,
 shown as ``algo.inner_lr`` in the UI), plus the Hydra job's number, overrides and directory
 under ``job``. Each job of a sweep is its own run: ``group`` = the sweep directory (override with
 ``logger.wandb.group=NAME``), ``job_type`` = what the run does (``train``), tags = algo,
 dataset, N-way, K-shot. The summary holds the last value of every logged metric
-(``test/acc``, ``test/acc_ci95``, ``val/acc_best``). Offline, the run lands in
+(``test/acc``, ``test/acc_ci95``, ``val/acc_best``; regression tasks: ``test/mse``,
+``test/mse_ci95``, ``val/mse_best``). Offline, the run lands in
 ``<job dir>/wandb/offline-run-*`` (upload later with ``wandb sync <job dir>/wandb/offline-run-*``).
 Checkpoints record the W&B run id, so resuming from one continues the same run.
-=======
-Each job of a sweep is its own W&B run: ``group`` = the sweep directory (override with
-``logger.wandb.group=NAME``), ``job_type`` = the algorithm, tags = algo, dataset, N-way, K-shot.
-The config is logged flat (``"algo.inner_lr": 0.4``, the keys of the command line), plus the
-job's number, overrides and directory, so W&B's parallel coordinates and group-by work on any
-key. The summary holds the last value of every logged metric: ``test/acc``,
-``test/acc_ci95``, ``val/acc_best`` (regression tasks: ``test/mse``, ``test/mse_ci95``,
-``val/mse_best``). Offline, the run lands in ``<job dir>/wandb/offline-run-*``
-(upload later with ``wandb sync <job dir>/wandb/offline-run-*``).
->>>>>>> sinusoid
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -55,11 +56,13 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         for k, v in trainer.callback_metrics.items()
         if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
     }
+    m = algo.task.metric
     return {
         "status": "ok",
-        **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
+        "metric": m,  # the task's: acc (higher is better) or mse (lower is better)
+        **{k: logged[k] for k in (f"test/{m}", f"test/{m}_ci95") if k in logged},
         **by_episode(algo),
-        "val/acc_best": algo.val_best,
+        f"val/{m}_best": algo.val_best if math.isfinite(algo.val_best) else None,
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,

@@ -406,18 +406,14 @@ def row_label(row: tuple) -> str:
     return f"{label} [{variant}]" if variant else label
 
 
-<<<<<<< HEAD
-def col_label(col: tuple) -> str:
+def col_label(col: tuple, cells: dict | None = None) -> str:
+    """``5-way 1-shot``; a column of varying episodes: ``metadataset episodes``; a column of
+    regression runs (one function per task, no ways): ``5-shot MSE``."""
     if len(col) == 3:
         return f"{col[2]} episodes"
-=======
-def col_label(col: tuple[int, int], cells: dict | None = None) -> str:
-    """``5-way 1-shot``; a column of regression runs (one function per task, no ways):
-    ``5-shot MSE``."""
     runs = [r for (_, c), cell in (cells or {}).items() if c == col for r in cell.runs]
     if runs and all(r.task_metric != "acc" for r in runs):
         return f"{col[1]}-shot {runs[0].task_metric.upper()}"
->>>>>>> sinusoid
     return f"{col[0]}-way {col[1]}-shot"
 
 
@@ -636,11 +632,11 @@ def curves_figure(runs: list[Run]):
     nrows = math.ceil(len(keys) / ncols)
     kinds = {r.task_metric for k in keys for g in panels[k].values() for r in g}
     fig, axes = plt.subplots(
-<<<<<<< HEAD
-        nrows, ncols, figsize=(PANEL_WIDTH_IN * ncols, 3.4 * nrows), squeeze=False, sharey=True
-=======
-        nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False, sharey=len(kinds) == 1
->>>>>>> sinusoid
+        nrows,
+        ncols,
+        figsize=(PANEL_WIDTH_IN * ncols, 3.4 * nrows),
+        squeeze=False,
+        sharey=len(kinds) == 1,
     )
     for ax, key in zip(axes.flat, keys, strict=False):
         for shots in sorted(panels[key]):

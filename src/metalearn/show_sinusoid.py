@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from metalearn.algorithms.base import mean_ci95
-from metalearn.cli import default_output, main_of, parse
+from metalearn.cli import configured_log_dir, default_output, main_of, parse
 from metalearn.data.episodes import Episodes
 from metalearn.errors import ConfigError
 
@@ -160,7 +160,7 @@ def run(argv: list[str]) -> int:
     ckpts = {"meta-learned": opts["ckpt"]}
     if opts["baseline"]:
         ckpts["baseline"] = opts["baseline"]
-    out = Path(opts["out"] or default_output("show_sinusoid"))
+    out = Path(opts["out"] or default_output("show_sinusoid", configured_log_dir()))
     table = show(ckpts, task, steps, out)
     for name, by_step in table.items():
         cells = "  ".join(f"{k}: {v['mse']:.3f} ± {v['ci95']:.3f}" for k, v in by_step.items())

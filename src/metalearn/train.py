@@ -10,7 +10,6 @@ Python API (``metalearn.train(cfg)``) and the tests, which compose the real conf
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import types
@@ -29,15 +28,10 @@ from metalearn.instantiate import (
     instantiate_trainer,
 )
 from metalearn.interrupt import StopOnInterrupt
-<<<<<<< HEAD
 from metalearn.loggers import build_loggers
 from metalearn.outcome import RunRecord, run_info
 from metalearn.resume import checked_resume_path, run_settings
 from metalearn.utils import log_through_hydra, print_config_tree
-=======
-from metalearn.tasks import CLASSIFICATION, TaskKind
-from metalearn.utils import finish_loggers, log_through_hydra, print_config_tree
->>>>>>> sinusoid
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +44,6 @@ def run(cfg: DictConfig) -> dict:
         if cfg.get("print_config", True):
             print_config_tree(cfg)
         L.seed_everything(cfg.seed, workers=True)
-<<<<<<< HEAD
 
         datamodule = instantiate_datamodule(cfg)
         record.update(queries=datamodule.queries)  # queries=auto resolved
@@ -59,7 +52,7 @@ def run(cfg: DictConfig) -> dict:
         if not algo.uses_engine:
             record.update(engine=None)
         ckpt_path = checked_resume_path(cfg, settings)
-        callbacks = instantiate_callbacks(cfg)
+        callbacks = instantiate_callbacks(cfg, algo.task)
         record.stopper = interrupt_handler(cfg, callbacks)
         loggers = record.loggers = build_loggers(cfg, ckpt_path, build=build)
         trainer = record.trainer = instantiate_trainer(
@@ -71,51 +64,6 @@ def run(cfg: DictConfig) -> dict:
         if record.stopper.requested or record.stopper.terminated:  # saved where it stopped
             by = "SIGTERM" if record.stopper.terminated else "Ctrl-C"
             return record.stopped(f"interrupted ({by}) at step {trainer.global_step}")
-=======
-        datamodule = build(cfg.data)
-        datamodule.setup()  # raises ConfigError/DataError before anything is trained
-        resolve_data_shape(cfg, datamodule)
-        metrics["queries"] = datamodule.queries  # queries=auto resolved
-        algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
-        algo.task = getattr(datamodule, "task", "classification")  # its loss and metric
-        algo.run_config = run_settings(cfg)
-        preprocessing = datamodule.preprocessing()  # None: points, not images
-        algo.preprocessing = preprocessing and preprocessing.to_dict()
-        if not algo.uses_engine:
-            log.info("algo=%s has no differentiable inner loop: engine is unused", cfg.algo.name)
-            metrics["engine"] = None
-        ckpt_path = resume_path(cfg.get("ckpt_path"), out)
-        if ckpt_path:
-            check_resume(ckpt_path, algo.run_config)
-        checkpoint, last = checkpoint_callbacks(out / "checkpoints", algo.task)
-        stopper = StopOnInterrupt(last_path=out / "checkpoints" / "last.ckpt")
-        loggers = build_loggers(cfg)
-        trainer = build(
-            cfg.trainer,
-            logger=loggers or False,
-            callbacks=[checkpoint, last, stopper, *progress_bar(cfg)],
-            plugins=[AtomicCheckpointIO()],
-            default_root_dir=str(out),
-        )
-        try:
-            trainer.fit(algo, datamodule=datamodule, ckpt_path=ckpt_path)
-        except SIGTERMException:
-            if not stopper.terminated:  # DDP: Lightning's handling, nothing written here
-                raise
-        except NonFiniteLossError as err:
-            kept = last.best_model_path or checkpoint.best_model_path or "none yet"
-            raise NonFiniteLossError(
-                f"{err} Last checkpoint, written before the failure (finite weights; check its"
-                f" val/{algo.task.metric} before resuming from it): {kept}"
-            ) from err
-        best, fitted = checkpoint.best_model_path or None, True
-        if stopper.requested or stopper.terminated:  # checkpointed where it stopped; no test
-            by = "SIGTERM" if stopper.terminated else "Ctrl-C"
-            done = outcome(cfg, trainer, algo, best, time.time() - start)
-            error = f"interrupted ({by}) at step {trainer.global_step}"
-            metrics = {**metrics, **interrupted_outcome(done, error, stopper)}
-            return metrics
->>>>>>> sinusoid
         if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
             validate_final_weights(cfg, trainer, algo, datamodule)
             record.best = last_checkpoint(callbacks) or record.best  # the weights just validated
@@ -136,79 +84,16 @@ def fit(trainer, algo, datamodule, ckpt_path, stopper, callbacks) -> None:
         kept = last_checkpoint(callbacks) or best_checkpoint(callbacks) or "none yet"
         raise NonFiniteLossError(
             f"{err} Last checkpoint, written before the failure (finite weights; check its"
-            f" val/acc before resuming from it): {kept}"
+            f" val/{algo.task.metric} before resuming from it): {kept}"
         ) from err
 
 
-<<<<<<< HEAD
 def validate_final_weights(cfg, trainer, algo, datamodule) -> None:
     log.warning(
         "no validation ran in this fit (it stopped before an epoch's end: "
         "trainer.max_steps=%s, data.batches_per_epoch=%s): validating the final weights",
         cfg.trainer.max_steps,
         datamodule.batches_per_epoch,
-=======
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes ``<file>.tmp`` beside the checkpoint, then renames it into place: a run killed
-    while writing leaves the previous ``last.ckpt`` whole. (Lightning's own save goes through
-    a file in the system temp folder, copied over when that is another file system: not
-    atomic on a cluster's shared disk.) Remote URLs keep Lightning's way."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        if "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-class BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that remembers the best score when a run resumes in a new directory.
-
-    ``python train.py ckpt_path=<old run>/checkpoints/last.ckpt`` writes to a new run directory;
-    Lightning would then forget the best score, and the first validation after resuming would
-    become "best" however bad it is. Here the earlier best (score and file) stays the one to
-    beat and, if nothing beats it, the one tested. Lightning never deletes checkpoints outside
-    its own directory, so the earlier run's files stay as they are.
-    """
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        best = state_dict.get("best_model_path")
-        if best and Path(best).is_file():
-            state_dict = {**state_dict, "dirpath": self.dirpath}
-        super().load_state_dict(state_dict)
-
-
-def progress_bar(cfg: DictConfig) -> list:
-    """The Rich bar on a terminal; plain lines every ``trainer.log_every_n_steps * 5`` steps
-    when stdout is not one (a SLURM job, nohup, CI), where the bar would print nothing."""
-    from metalearn.progress import LineProgress, MetaProgressBar
-
-    if not cfg.trainer.get("enable_progress_bar", True):
-        return []
-    if sys.stdout.isatty():
-        return [MetaProgressBar()]
-    return [LineProgress(every=5 * int(cfg.trainer.get("log_every_n_steps", 10)))]
-
-
-def checkpoint_callbacks(
-    dirpath: Path, task: TaskKind = CLASSIFICATION
-) -> tuple[ModelCheckpoint, ModelCheckpoint]:
-    """The best checkpoint by the task's validation metric (the highest ``val/acc``, the
-    lowest ``val/mse``) and ``last.ckpt``, rewritten after every epoch."""
-    best = BestCheckpoint(
-        dirpath=dirpath,
-        monitor=f"val/{task.metric}",
-        mode=task.mode,
-        save_top_k=1,
-        filename="best-epoch{epoch:03d}-step{step}",
-        auto_insert_metric_name=False,
->>>>>>> sinusoid
     )
     trainer.validate(algo, datamodule=datamodule, verbose=False)
 
@@ -222,33 +107,10 @@ def interrupt_handler(cfg: DictConfig, callbacks: dict) -> StopOnInterrupt:
     return StopOnInterrupt(last_path=f"{cfg.output_dir}/checkpoints/last.ckpt")
 
 
-<<<<<<< HEAD
 def best_checkpoint(callbacks: dict) -> str | None:
     """The file of ``callbacks.model_checkpoint`` (the best by val/acc): the one tested."""
     best = callbacks.get("model_checkpoint")
     return getattr(best, "best_model_path", None) or None
-=======
-def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
-    """What a finished run adds to the metrics it started with (``run_info`` and the rest)."""
-    logged = {
-        k: float(v)
-        for k, v in trainer.callback_metrics.items()
-        if isinstance(v, (int, float, torch.Tensor)) and torch.as_tensor(v).numel() == 1
-    }
-    m = algo.task.metric
-    return {
-        "status": "ok",
-        "metric": m,  # the task's: acc (higher is better) or mse (lower is better)
-        **{k: logged[k] for k in (f"test/{m}", f"test/{m}_ci95") if k in logged},
-        f"val/{m}_best": algo.val_best if math.isfinite(algo.val_best) else None,
-        "test_episodes": cfg.data.test_episodes,
-        "steps": trainer.global_step,
-        "epochs": trainer.current_epoch,
-        "wall_s": round(wall_s, 2),
-        "best_checkpoint": best or "",
-        "curve": algo.history,
-    }
->>>>>>> sinusoid
 
 
 def last_checkpoint(callbacks: dict) -> str | None:

@@ -303,9 +303,13 @@ class EpisodicModule(L.LightningModule):
     def _eval_step(self, episodes) -> None:
         with torch.enable_grad():
             accs = self.evaluate(episodes).detach().float()
-        # each episode's shape beside its accuracy: (acc, ways, shots per class)
+        # each episode's shape beside its metric: (metric, ways, shots per class); regression
+        # has no classes: (metric, 1, support points)
         episodes = Episodes(*episodes)
-        shape = torch.tensor([episodes.ways(), episodes.shots()], dtype=accs.dtype).T
+        if self.task.episode_labels:
+            shape = torch.tensor([episodes.ways(), episodes.shots()], dtype=accs.dtype).T
+        else:
+            shape = torch.tensor([[1, len(y)] for y in episodes.support_y], dtype=accs.dtype)
         self._eval_accs.append(torch.cat([accs[:, None], shape.to(accs.device)], 1))
 
     def on_validation_epoch_start(self) -> None:

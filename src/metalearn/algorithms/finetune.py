@@ -29,7 +29,7 @@ from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.transforms import normalise
-from metalearn.engines.base import accuracy, check_inner_optimizer, collect, is_ragged
+from metalearn.engines.base import check_inner_optimizer, collect, is_ragged
 from metalearn.errors import ConfigError
 
 HEAD = ("head.weight", "head.bias")

@@ -273,41 +273,22 @@ class GBML(EpisodicModule):
         """How the episodes' heads start: ``trained`` (the model's head), ``prototypes`` or
         ``zeros`` (built per episode); see algorithms/heads.py."""
         init = self.head_init if self.head_init != "auto" else self.train_head_init
-        return heads.resolved(init, self.model, Episodes(*episodes).ways(), self.train_head_init)
+        outputs = [self.task.outputs(sy) for sy in episodes[1]]  # classes, or targets' width
+        return heads.resolved(init, self.model, outputs, self.train_head_init)
 
     def training_step(self, episodes, batch_idx):
-<<<<<<< HEAD
         kind = self.head_kind(episodes)
         log_pre = self.logging_step() and kind == "trained"  # per-episode heads: no "before"
-        acc_pre = self.query_acc_before(episodes) if log_pre else None
+        before = self.query_metric_before(episodes) if log_pre else None
         out = self.run_engine(self.model, self.train_loop(), episodes, kind)
-=======
-        before = self.query_metric_before(episodes) if self.logging_step() else None
-        out = self.run_engine(self.model, self.train_loop(), episodes)
->>>>>>> sinusoid
         self.outer_step(out.objective)
         self.log_train(loss=out.loss.mean(), metric=out.metric.mean(), metric_pre=before)
         if self.inner_rates == "hypergradient":
             self.log_train(alpha=self.rates["alpha"].detach(), beta=self.beta)
 
     def query_logits(self, episodes) -> torch.Tensor:
-<<<<<<< HEAD
         kind = self.head_kind(episodes)
         return self.run_engine(self.model, self.eval_loop(), episodes, kind).logits
-=======
-        ways = self.task.outputs(episodes.support_y[0])
-        init = heads.resolved(self.head_init, self.model, ways)
-        if init == "trained":
-            return self.run_engine(self.model, self.eval_loop(), episodes).logits
-        logits = []
-        for episode in zip(*episodes, strict=True):
-            sx, sy = episode[:2]
-            model = heads.with_head(self.model, sx, sy, ways, init)
-            loop = replace(self.eval_loop(), lr=self.rate_for(model))
-            single = Episodes(*(t.unsqueeze(0) for t in episode))
-            logits.append(self.run_engine(model, loop, single).logits[0])
-        return torch.stack(logits)
->>>>>>> sinusoid
 
     # ---- ANIL: the body's features once per task ----------------------------------------
     def run_engine(self, model: nn.Module, loop: InnerLoop, episodes, head: str = "trained"):

@@ -40,12 +40,7 @@ from torch.func import functional_call
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
-<<<<<<< HEAD
-from metalearn.data.episodes import Episodes
-from metalearn.engines.base import accuracy, check_inner_optimizer, collect, is_ragged
-=======
-from metalearn.engines.base import check_inner_optimizer
->>>>>>> sinusoid
+from metalearn.engines.base import check_inner_optimizer, collect, is_ragged
 from metalearn.errors import ConfigError
 
 TASK_DATA = ("all", "support")
@@ -189,7 +184,8 @@ class Reptile(EpisodicModule):
     def head_kind(self, episodes) -> str:
         """How the episodes' heads start: the model's (``trained``) or one built per episode."""
         init = self.head_init if self.head_init != "auto" else self.train_head_init
-        return heads.resolved(init, self.model, Episodes(*episodes).ways(), self.train_head_init)
+        outputs = [self.task.outputs(sy) for sy in episodes[1]]  # classes, or targets' width
+        return heads.resolved(init, self.model, outputs, self.train_head_init)
 
     def task_model(self, sx, sy, kind: str):
         """The model a task fits: the learned one, or a copy with the episode's own head."""
@@ -198,20 +194,13 @@ class Reptile(EpisodicModule):
         return heads.with_head(self.model, sx, sy, int(sy.max()) + 1, kind)
 
     def training_step(self, episodes, batch_idx):
-<<<<<<< HEAD
         kind = self.head_kind(episodes)
         log_pre = self.logging_step() and kind == "trained"  # per-episode heads: no "before"
-        acc_pre = self.query_acc_before(episodes) if log_pre else None
+        before = self.query_metric_before(episodes) if log_pre else None
         theta = {n: p.detach() for n, p in self.model.named_parameters()}
         shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
         moved = [n for n in shift if kind == "trained" or not n.startswith("head.")]
-        losses, accs = [], []
-=======
-        before = self.query_metric_before(episodes) if self.logging_step() else None
-        theta = {n: p.detach() for n, p in self.model.named_parameters()}
-        shift = {n: torch.zeros_like(p) for n, p in theta.items()}  # mean_tasks(theta - phi)
         losses, metrics = [], []
->>>>>>> sinusoid
         for task, (sx, sy, qx, qy) in enumerate(zip(*episodes, strict=True)):
             x, y = (
                 (torch.cat([sx, qx]), torch.cat([sy, qy])) if self.task_data == "all" else (sx, sy)
@@ -226,11 +215,7 @@ class Reptile(EpisodicModule):
                 shift[n] += (theta[n] - phi[n]) / len(episodes.support_x)
             losses.append(loss)
             with torch.no_grad():
-<<<<<<< HEAD
-                accs.append(accuracy(functional_call(model, phi, (qx,)), qy))
-=======
-                metrics.append(self.task.score(self.forward_with(phi, qx), qy))
->>>>>>> sinusoid
+                metrics.append(self.task.score(functional_call(model, phi, (qx,)), qy))
         surrogate = sum((p * shift[n]).sum() for n, p in self.model.named_parameters())
         eps = self.optimizers().optimizer.param_groups[0]["lr"]
         self.outer_step(surrogate)
@@ -244,12 +229,7 @@ class Reptile(EpisodicModule):
     # ---- evaluation --------------------------------------------------------------------------
     def query_logits(self, episodes) -> torch.Tensor:
         logits, start = [], self.inner_state if self.eval_state is None else self.eval_state
-<<<<<<< HEAD
         kind = self.head_kind(episodes)
-=======
-        ways = self.task.outputs(episodes.support_y[0])
-        init = heads.resolved(self.head_init, self.model, ways)
->>>>>>> sinusoid
         for sx, sy, qx in zip(*episodes[:3], strict=True):
             model = self.task_model(sx, sy, kind)
             # a new head: the trained head's optimizer state is moot
