@@ -20,10 +20,11 @@ from metalearn.engines.func import FuncEngine
 from metalearn.engines.higher import HigherEngine
 from metalearn.engines.vmap import VmapEngine
 from metalearn.errors import ConfigError
+from metalearn.instantiate import instantiate_callbacks
 from metalearn.models.mlp import MLP
 from metalearn.models.protocol import check_backbone
 from metalearn.tasks import REGRESSION
-from metalearn.train import checkpoint_callbacks, run
+from metalearn.train import run
 from tests.helpers import compose_cfg
 
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine(), "vmap": VmapEngine()}
@@ -241,8 +242,14 @@ def test_protonet_refuses_a_regression_task_when_used_directly():
 
 # ---- checkpoint selection: the lowest validation MSE -----------------------------------------
 def test_checkpoint_monitor_is_the_lowest_val_mse(tmp_path):
-    best, _ = checkpoint_callbacks(tmp_path, REGRESSION)
-    assert (best.monitor, best.mode) == ("val/mse", "min")
+    """The configured callbacks watching val/acc (the best checkpoint, early stopping) watch
+    the regression task's val/mse, lowest first."""
+    cfg = compose_cfg(
+        tmp_path, ["experiment=maml_sinusoid", "callbacks=[default,early_stopping]"], tiny=False
+    )
+    callbacks = instantiate_callbacks(cfg, REGRESSION)
+    for name in ("model_checkpoint", "early_stopping"):
+        assert (callbacks[name].monitor, callbacks[name].mode) == ("val/mse", "min"), name
 
 
 def test_best_checkpoint_is_the_lowest_val_mse(tmp_path):
