@@ -94,6 +94,21 @@ def test_wandb_logs_the_config_nested_with_entity_and_job_type(tmp_path, data_ro
     assert logged["summary"]["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+def test_an_evaluation_logs_to_wandb_as_job_type_evaluate_when_asked(tmp_path, data_root):
+    from metalearn.evaluate import evaluate
+
+    run(metalearn.compose(tiny(tmp_path / "train", data_root, "logger=none")))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    quiet = evaluate(ckpt, [f"data.root={data_root}"], output_dir=tmp_path / "quiet")
+    assert not (tmp_path / "quiet" / "wandb").exists()  # no logger unless asked for
+    logged = evaluate(ckpt, [f"data.root={data_root}", "logger=wandb"], tmp_path / "eval")
+    (run_dir,) = (tmp_path / "eval" / "wandb").glob("offline-run-*")
+    record = read_offline_run(run_dir)
+    assert record["job_type"] == "evaluate"
+    assert record["summary"]["test/acc"] == pytest.approx(logged["test/acc"], abs=1e-6)
+    assert logged["test/acc"] == quiet["test/acc"]
+
+
 def md5(path: Path) -> str:
     return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
 

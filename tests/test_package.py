@@ -112,7 +112,7 @@ def test_wheel_installs_into_a_fresh_venv_and_trains_outside_the_checkout(tmp_pa
 
     trained = run([bin_dir / "metalearn-train", "experiment=mine", "algo=fomaml", *TINY], user, env)
     assert "Warning" not in trained.stderr, trained.stderr
-    (run_dir,) = (user / "outputs").glob("*/*")
+    (run_dir,) = (user / "outputs" / "train" / "runs").glob("*/*")  # <task_name>/runs/<date>/<time>
     assert (run_dir / "metrics.json").exists() and (run_dir / "train.log").exists()
     composed = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "shots: 2" in composed and "inner_lr: 0.123" in composed  # the user's experiment

@@ -30,7 +30,8 @@ Usage:  python -m metalearn.evaluate ckpt=<file> [key=value ...]
                 starts on episodes with another number of classes (docs/adapt.md)
   any training setting, without '+': the episodes default to the checkpoint's own dataset and
   shape; e.g. data=quickdraw, ways=20, shots=5, queries=15, data.test_episodes=1000,
-  data.eval_seed=1, engine=vmap, trainer=gpu
+  data.eval_seed=1, engine=vmap, trainer=gpu; logger=wandb (or csv, ...) logs the evaluation
+  (no logger by default; W&B: a run of job_type evaluate)
 
 Examples:
   python -m metalearn.evaluate ckpt=outputs/.../checkpoints/best-epoch005-step600.ckpt
@@ -74,7 +75,9 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = 
     base += model_option(settings, conf_dir())
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         try:
-            fixed = ["logger=none"] + ([f"output_dir={output_dir}"] if output_dir else [])
+            # no logger unless asked for (logger=wandb: a W&B run of job_type evaluate)
+            fixed = [] if "logger" in given else ["logger=none"]
+            fixed += [f"output_dir={output_dir}"] if output_dir else []
             cfg = compose("train", overrides=[*base, *overrides, *fixed])
         except Exception as err:  # Hydra's own message names the bad override
             raise ConfigError(f"{err} (see --help)") from err
@@ -82,6 +85,9 @@ def compose_for(settings: dict, overrides: list[str], output_dir: Path | None = 
 
     if not output_dir:
         cfg.output_dir = str(default_output(cfg.task_name, cfg.paths.log_dir))
+    wandb = (cfg.get("logger") or {}).get("wandb")
+    if wandb is not None and "logger.wandb.job_type" not in given:
+        wandb.job_type = "evaluate"  # what the run does (training runs: train)
     with open_dict(cfg):
         for key in EPISODE_KEYS:
             if key not in given and key in settings:
@@ -119,7 +125,9 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
     from metalearn.algorithms.heads import check_head_init
     from metalearn.instantiate import build
     from metalearn.learner import load
+    from metalearn.loggers import build_loggers
     from metalearn.outcome import by_episode, run_info, write_metrics
+    from metalearn.utils import finish_loggers
 
     start = time.time()
     check_head_init(head_init)
@@ -143,14 +151,18 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
     learner.head_init = head_init
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    loggers = build_loggers(cfg, build=build)
     trainer = build(
         cfg.trainer,
-        logger=False,
+        logger=loggers or False,
         enable_checkpointing=False,
         default_root_dir=str(out),
         enable_model_summary=False,
     )
-    trainer.test(learner, datamodule=datamodule, verbose=False)
+    try:
+        trainer.test(learner, datamodule=datamodule, verbose=False)
+    finally:
+        finish_loggers(loggers)
     logged = trainer.callback_metrics
     metrics = {
         **run_info(cfg),
