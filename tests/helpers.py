@@ -7,6 +7,7 @@ import struct
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -109,17 +110,35 @@ def compose_cfg(output_dir, overrides=(), tiny=True, **kwargs):
         )
 
 
-def reference_objective(net, params, episodes, steps, lr=0.3, first_order=False):
-    """Independent MAML objective: functional_call + autograd.grad(create_graph=True)."""
+def reference_objective(net, params, episodes, steps, lr=0.3, first_order=False, loss=None):
+    """Independent MAML objective: functional_call + autograd.grad(create_graph=True);
+    ``loss`` cross-entropy (classes) unless given (``F.mse_loss`` for regression)."""
+    loss = loss or F.cross_entropy
     total = 0.0
     for sx, sy, qx, qy in zip(*episodes, strict=True):
         fast = dict(params)
         for _ in range(steps):
-            loss = F.cross_entropy(functional_call(net, fast, (sx,)), sy)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            support = loss(functional_call(net, fast, (sx,)), sy)
+            grads = torch.autograd.grad(support, list(fast.values()), create_graph=not first_order)
             fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
-        total = total + F.cross_entropy(functional_call(net, fast, (qx,)), qy)
+        total = total + loss(functional_call(net, fast, (qx,)), qy)
     return total / len(episodes.support_x)
+
+
+def assert_matches_finite_differences(grads, net, objective, directions=3, h=1e-6) -> None:
+    """``grads`` (one per parameter of ``net``) against central differences of
+    ``objective(params) -> scalar`` along random directions."""
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(directions):
+        v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+
+        def f(s, v=v):
+            return objective({n: (p + s * v[n]).requires_grad_() for n, p in params.items()}).item()
+
+        fd = (f(h) - f(-h)) / (2 * h)
+        analytic = sum((g * v[n]).sum() for g, n in zip(grads, params, strict=True)).item()
+        assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-8)
 
 
 # ---- W&B offline runs, read back from the run's transaction log ---------------------------

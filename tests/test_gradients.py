@@ -11,7 +11,12 @@ from torch.func import functional_call
 from metalearn.engines.base import InnerLoop
 from metalearn.engines.func import FuncEngine
 from metalearn.engines.higher import HigherEngine
-from tests.helpers import random_episodes, reference_objective, tiny_net
+from tests.helpers import (
+    assert_matches_finite_differences,
+    random_episodes,
+    reference_objective,
+    tiny_net,
+)
 
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine()}
 LR = 0.3
@@ -40,19 +45,7 @@ def test_second_order_equals_independent_torch_func(engine, steps):
 def test_second_order_matches_finite_differences(engine):
     net, eps = tiny_net(channels=2), random_episodes(batch=1)
     got = engine_grads(ENGINES[engine], net, eps, steps=2)
-    params = {n: p.detach() for n, p in net.named_parameters()}
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
-        h = 1e-6
-
-        def f(s, v=v):
-            shifted = {n: (p + s * v[n]).requires_grad_() for n, p in params.items()}
-            return reference_objective(net, shifted, eps, steps=2).item()
-
-        fd = (f(h) - f(-h)) / (2 * h)
-        analytic = sum((g * v[n]).sum() for g, n in zip(got, params, strict=True)).item()
-        assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-8)
+    assert_matches_finite_differences(got, net, lambda p: reference_objective(net, p, eps, 2))
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from metalearn.data.episodes import Episodes
 from metalearn.data.sinusoid import SinusoidDataModule, SinusoidFamily
@@ -25,7 +24,8 @@ from metalearn.models.mlp import MLP
 from metalearn.models.protocol import check_backbone
 from metalearn.tasks import REGRESSION
 from metalearn.train import run
-from tests.helpers import compose_cfg
+from tests.helpers import assert_matches_finite_differences, compose_cfg
+from tests.helpers import reference_objective as shared_reference_objective
 
 ENGINES = {"higher": HigherEngine(), "func": FuncEngine(), "vmap": VmapEngine()}
 LR = 0.05
@@ -60,17 +60,9 @@ def sinusoid_episodes(batch=2, shots=4, queries=6, seed=1) -> Episodes:
     return Episodes(*(t.double() for t in eps))
 
 
-def reference_objective(net, params, episodes, steps, lr=LR):
+def reference_objective(net, params, episodes, steps):
     """Second-order MAML objective with MSE, written independently of the engines."""
-    total = 0.0
-    for sx, sy, qx, qy in zip(*episodes, strict=True):
-        fast = dict(params)
-        for _ in range(steps):
-            loss = F.mse_loss(functional_call(net, fast, (sx,)), sy)
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-            fast = {n: w - lr * g for (n, w), g in zip(fast.items(), grads, strict=True)}
-        total = total + F.mse_loss(functional_call(net, fast, (qx,)), qy)
-    return total / len(episodes.support_x)
+    return shared_reference_objective(net, params, episodes, steps, lr=LR, loss=F.mse_loss)
 
 
 def engine_grads(engine, net, episodes, steps, first_order=False):
@@ -156,19 +148,7 @@ def test_mlp_meets_the_backbone_contract_and_refuses_per_step_batchnorm():
 def test_maml_meta_gradient_on_sinusoids_matches_finite_differences(engine):
     net, eps = tiny_mlp(), sinusoid_episodes()
     got = engine_grads(ENGINES[engine], net, eps, steps=2)
-    params = {n: p.detach() for n, p in net.named_parameters()}
-    gen = torch.Generator().manual_seed(3)
-    for _ in range(3):
-        v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
-        h = 1e-6
-
-        def f(s, v=v):
-            shifted = {n: (p + s * v[n]).requires_grad_() for n, p in params.items()}
-            return reference_objective(net, shifted, eps, steps=2).item()
-
-        fd = (f(h) - f(-h)) / (2 * h)
-        analytic = sum((g * v[n]).sum() for g, n in zip(got, params, strict=True)).item()
-        assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-8)
+    assert_matches_finite_differences(got, net, lambda p: reference_objective(net, p, eps, 2))
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second_order", "first_order"])
