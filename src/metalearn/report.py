@@ -292,6 +292,14 @@ def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) ->
     return "\n".join(lines) + "\n"
 
 
+def with_instance_table(text: str, runs: list[Run]) -> str:
+    """``text`` plus the per-instance table of sequence learners (MANN), if any run has one."""
+    from metalearn.report_instances import markdown as instance_markdown
+
+    table = instance_markdown(runs)
+    return f"{text}\n{table}" if table else text
+
+
 def failure_markdown(failures: list[Run], root: Path) -> str:
     if not failures:
         return "No failed jobs."
@@ -453,12 +461,13 @@ def report(
     rows, cols, cells = table(runs, metric)
     failures = [r for r in runs if not r.ok]
     files = {"markdown": out / "results.md", "csv": out / "results.csv"}
-    files["markdown"].write_text(markdown(rows, cols, cells, failures, metric, root))
+    text = markdown(rows, cols, cells, failures, metric, root)
+    files["markdown"].write_text(with_instance_table(text, runs))
     write_csv(files["csv"], rows, cols, cells, metric)
     if plot and plot_curves(runs, out / "learning_curves.png"):
         files["curves"] = out / "learning_curves.png"
     if echo:
-        print_report(rows, cols, cells, failures, metric, root, files)
+        print_report(rows, cols, cells, failures, metric, root, files, runs)
     return {
         "runs": runs,
         "rows": rows,
@@ -469,7 +478,7 @@ def report(
     }
 
 
-def print_report(rows, cols, cells, failures, metric, root, files) -> None:
+def print_report(rows, cols, cells, failures, metric, root, files, runs=()) -> None:
     from rich.console import Console
     from rich.markup import escape  # labels hold [variant]s, which Rich would read as markup
     from rich.table import Table
@@ -487,6 +496,9 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
             *[cells[(row, c)].text() if (row, c) in cells else "" for c in cols],
         )
     console.print(t)
+    from metalearn.report_instances import print_table as print_instance_table
+
+    print_instance_table(runs, console)  # sequence learners (MANN) only
     if failures:
         f = Table(title=f"failed jobs ({len(failures)})", title_style="bold red")
         for name in ("job", "setting", "error"):

@@ -355,6 +355,8 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
     return {
         "status": "ok",
         **{k: logged[k] for k in ("test/acc", "test/acc_ci95") if k in logged},
+        # sequence learners (MANN): accuracy at the k-th presentation of a class
+        **{k: v for k, v in logged.items() if k.startswith("test/acc_instance_")},
         "val/acc_best": algo.val_best,
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,
