@@ -178,7 +178,11 @@ def test_train_logs_the_per_instance_table_and_the_report_shows_it(tmp_path, dat
     out = report(tmp_path, plot=False, echo=False)
     text = out["files"]["markdown"].read_text()
     assert "per presentation of a class" in text
-    row = next(line for line in text.splitlines() if line.startswith("| omniglot / all / mann 5-way 1-shot seed 42 |"))
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("| omniglot / all / mann 5-way 1-shot seed 42 |")
+    )
     assert f"| {100 * metrics['test/acc_instance_10']:.1f} ± " in row
 
     # adapt/predict: the support sequence, then each query; the run's own test accuracy
@@ -200,6 +204,38 @@ def test_train_logs_the_per_instance_table_and_the_report_shows_it(tmp_path, dat
     x = torch.from_numpy(images[:7, 0])
     with pytest.raises(ConfigError, match="at most 5 classes"):
         learner.adapt(x, list(range(7)), invert=False).predict(x, invert=False)
+
+
+@pytest.mark.slow
+def test_mann_runs_in_a_sweep_beside_protonet_and_the_report_tabulates_both(tmp_path, data_root):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, TINY
+
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "algo=mann,protonet",
+        "queries=4",
+        f"hydra.sweep.dir={tmp_path}",
+        *TINY,
+    ]
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    out = report(tmp_path, plot=False, echo=False)
+    assert {r.get("algo"): r.get("status") for r in out["runs"]} == {
+        "mann": "ok",
+        "protonet": "ok",
+    }
+    text = out["files"]["markdown"].read_text()
+    assert "| omniglot / all / mann |" in text and "| omniglot / all / protonet |" in text
+    # the per-instance table lists the sequence learner only (instances up to 1 + 4 = 5)
+    table = text.split("per presentation of a class")[1]
+    assert "mann 5-way 1-shot" in table and "protonet" not in table
+    assert "instance 5" in table and "instance 10" not in table
 
 
 # ---- learning on real Omniglot ---------------------------------------------------------------

@@ -220,7 +220,9 @@ class MANN(EpisodicModule):
         """Each episode's images (and labels) in its own random order (``same_order``: one
         order for all, so that an episode's order does not depend on its batch)."""
         draws = 1 if same_order else len(y)
-        orders = torch.stack([torch.randperm(y.shape[1], generator=generator) for _ in range(draws)])
+        orders = torch.stack(
+            [torch.randperm(y.shape[1], generator=generator) for _ in range(draws)]
+        )
         orders = orders.expand(len(y), -1).to(y.device)
         picked = x[torch.arange(len(y), device=y.device).unsqueeze(1), orders]
         return picked, y.gather(1, orders)
@@ -289,7 +291,7 @@ class MANN(EpisodicModule):
             self._eval_accs = parts  # gathered across DDP ranks as the episode accuracies are
             accs = self._gathered_accs()
             if accs.numel():
-                logged[f"test/acc_instance_{k}"], logged[f"test/acc_instance_{k}_ci95"] = (
-                    mean_ci95(accs)
+                logged[f"test/acc_instance_{k}"], logged[f"test/acc_instance_{k}_ci95"] = mean_ci95(
+                    accs
                 )
         self.log_dict(logged, sync_dist=False)
