@@ -139,6 +139,8 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         "queries": datamodule.queries,
         "test/acc": float(logged["test/acc"]),
         "test/acc_ci95": float(logged["test/acc_ci95"]),
+        # sequence learners (MANN): accuracy at the k-th presentation of a class
+        **{k: float(v) for k, v in logged.items() if k.startswith("test/acc_instance_")},
         "test_episodes": datamodule.test_episodes,
         "head_init": head_init,
         "checkpoint": str(Path(ckpt).resolve()),
