@@ -174,6 +174,8 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         f"test/{learner.task.metric}": float(logged[f"test/{learner.task.metric}"]),
         f"test/{learner.task.metric}_ci95": float(logged[f"test/{learner.task.metric}_ci95"]),
         **by_episode(learner),
+        # sequence learners (MANN): accuracy at the k-th presentation of a class
+        **{k: float(v) for k, v in logged.items() if k.startswith("test/acc_instance_")},
         "test_episodes": datamodule.test_episodes,
         "head_init": head_init,
         "checkpoint": str(Path(ckpt).resolve()),

@@ -62,6 +62,8 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         "metric": m,  # the task's: acc (higher is better) or mse (lower is better)
         **{k: logged[k] for k in (f"test/{m}", f"test/{m}_ci95") if k in logged},
         **by_episode(algo),
+        # sequence learners (MANN): accuracy at the k-th presentation of a class
+        **{k: v for k, v in logged.items() if k.startswith("test/acc_instance_")},
         f"val/{m}_best": algo.val_best if math.isfinite(algo.val_best) else None,
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,

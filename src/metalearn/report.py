@@ -527,6 +527,14 @@ def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) ->
     return "\n".join(lines) + "\n"
 
 
+def with_instance_table(text: str, runs: list[Run]) -> str:
+    """``text`` plus the per-instance table of sequence learners (MANN), if any run has one."""
+    from metalearn.report_instances import markdown as instance_markdown
+
+    table = instance_markdown(runs)
+    return f"{text}\n{table}" if table else text
+
+
 def failure_markdown(failures: list[Run], root: Path) -> str:
     if not failures:
         return "No failed jobs."
@@ -733,14 +741,16 @@ def report(
     failures = [r for r in runs if not r.ok]
     files = {"markdown": out / "results.md", "csv": out / "results.csv"}
     text = markdown(rows, cols, cells, failures, metric, root)
-    files["markdown"].write_text(text + (f"\n{left_out(debug)}\n" if debug else ""))
+    files["markdown"].write_text(
+        with_instance_table(text, runs) + (f"\n{left_out(debug)}\n" if debug else "")
+    )
     write_csv(files["csv"], rows, cols, cells, metric)
     if write_shape_csv(out / "by_shape.csv", runs):
         files["by_shape"] = out / "by_shape.csv"
     if plot and plot_curves(runs, out / "learning_curves.png"):
         files["curves"] = out / "learning_curves.png"
     if echo:
-        print_report(rows, cols, cells, failures, metric, root, files)
+        print_report(rows, cols, cells, failures, metric, root, files, runs)
         if debug:
             print(left_out(debug))
     return {
@@ -763,7 +773,7 @@ def left_out(debug: list[Run]) -> str:
     )
 
 
-def print_report(rows, cols, cells, failures, metric, root, files) -> None:
+def print_report(rows, cols, cells, failures, metric, root, files, runs=()) -> None:
     from rich.console import Console
     from rich.markup import escape  # labels hold [variant]s, which Rich would read as markup
     from rich.table import Table
@@ -790,6 +800,9 @@ def print_report(rows, cols, cells, failures, metric, root, files) -> None:
         for label, bins in shape_rows:
             by.add_row(escape(label), *[shape_text(bins.get(n)) for n in names])
         console.print(by)
+    from metalearn.report_instances import print_table as print_instance_table
+
+    print_instance_table(runs, console)  # sequence learners (MANN) only
     if failures:
         f = Table(title=f"failed jobs ({len(failures)})", title_style="bold red")
         for name in ("job", "setting", "error"):
