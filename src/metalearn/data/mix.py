@@ -130,11 +130,9 @@ class MixTrainMetaBatches(Dataset):
             episodes = drawn_episodes(part, rng, len(where))
             if part.augment is not None and part.augment.active:
                 aug = seeded_rng(self.seed, self.rank, epoch, i, MIX_TAG, int(k), AUGMENT_TAG)
-                episodes = episodes._replace(
-                    support_x=each(episodes.support_x, lambda x: part.augment(x, aug)),
-                    query_x=each(episodes.query_x, lambda x: part.augment(x, aug)),
-                )
-            for b, task in zip(where, zip(*normalised(episodes, part.norm)), strict=True):
+                episodes = augmented(episodes, part.augment, aug)
+            episodes = normalised(episodes, part.norm)
+            for b, task in zip(where, zip(*episodes, strict=True), strict=True):
                 tasks[b] = task
         return joined(tasks)
 
@@ -149,6 +147,13 @@ def drawn_episodes(part: TrainMetaBatches, rng: np.random.Generator, count: int)
             rng, count, c.num_classes, c.counts, part.ways, part.shots, part.queries
         )
     return built(c, drawn, part.shots)
+
+
+def augmented(episodes: Episodes, augment, rng: np.random.Generator) -> Episodes:
+    return episodes._replace(
+        support_x=each(episodes.support_x, lambda x: augment(x, rng)),
+        query_x=each(episodes.query_x, lambda x: augment(x, rng)),
+    )
 
 
 def joined(tasks: list) -> Episodes:
@@ -258,7 +263,10 @@ class MixDataModule(L.LightningDataModule):
         self.parts = {n: self._source(n, known[n], common, download) for n in used}
         first = self.parts[used[0]]
         self.ways, self.shots, self.queries = first.ways, first.shots, first.queries
-        self.meta_batch_size, self.batches_per_epoch = first.meta_batch_size, first.batches_per_epoch
+        self.meta_batch_size, self.batches_per_epoch = (
+            first.meta_batch_size,
+            first.batches_per_epoch,
+        )
         self.val_episodes, self.test_episodes = first.val_episodes, first.test_episodes
         self.seed, self.rank, self.world_size = first.seed, first.rank, first.world_size
         self.image_size, self.channels, self.num_workers = first.image_size, channels, num_workers
