@@ -96,6 +96,21 @@ def source_list(key: str, names, known: dict) -> list[str]:
     return names
 
 
+def check_entry(name: str, options: dict) -> None:
+    """A ``data.sources`` entry: a known loader, and none of the keys all sources share."""
+    for key in options:
+        if key in SHARED:
+            raise ConfigError(
+                f"data.sources.{name}.{key}: every source shares it; set data.{key} instead"
+            )
+    loader = str(options.get("source", name))
+    if loader not in SOURCES:
+        raise ConfigError(
+            f"data.sources.{name}: {loader!r} is no loader; set data.sources.{name}.source"
+            f" to one of {', '.join(sorted(SOURCES))}"
+        )
+
+
 class MixTrainMetaBatches(Dataset):
     """Item ``epoch * length + i``: a meta-batch whose episodes each come from one source,
     the sources drawn by ``probs``; ``parts[k]`` is source k's own (unbatched) sampler."""
@@ -234,6 +249,8 @@ class MixDataModule(L.LightningDataModule):
         known = {str(k): dict(v or {}) for k, v in dict(sources or {}).items()}
         if not known:
             raise ConfigError("data.sources is empty: give e.g. {omniglot: {}, quickdraw: {}}")
+        for entry, options in known.items():
+            check_entry(entry, options)
         self.train_sources = source_list("train_sources", train_sources, known)
         self.val_sources = source_list("val_sources", val_sources or self.train_sources, known)
         self.test_sources = source_list("test_sources", test_sources or self.train_sources, known)
@@ -251,8 +268,8 @@ class MixDataModule(L.LightningDataModule):
         self.name, self.root = name, str(root)
         common = dict(
             ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
-            image_size=image_size, channels=channels, normalize=normalize, rank=rank,
-            world_size=world_size, batches_per_epoch=batches_per_epoch,
+            image_size=image_size, channels=channels, normalize=normalize,
+            batches_per_epoch=batches_per_epoch,
             val_episodes=val_episodes, test_episodes=test_episodes,
             eval_batch_size=eval_batch_size, seed=seed, eval_seed=eval_seed,
             num_workers=num_workers, train_ways=train_ways, train_queries=train_queries,
@@ -268,22 +285,16 @@ class MixDataModule(L.LightningDataModule):
             first.batches_per_epoch,
         )
         self.val_episodes, self.test_episodes = first.val_episodes, first.test_episodes
-        self.seed, self.rank, self.world_size = first.seed, first.rank, first.world_size
+        # a source's module serves all its episodes (rank 0 of 1): the mix shards them
+        if not 0 <= int(rank) < int(world_size):
+            raise ConfigError(f"data.rank={rank} must be in 0..world_size-1 ({world_size - 1})")
+        self.seed, self.rank, self.world_size = first.seed, int(rank), int(world_size)
         self.image_size, self.channels, self.num_workers = first.image_size, channels, num_workers
         self._ready = False
 
     def _source(self, name: str, options: dict, common: dict, download: bool):
-        for key in options:
-            if key in SHARED:
-                raise ConfigError(
-                    f"data.sources.{name}.{key}: every source shares it; set data.{key} instead"
-                )
+        options = dict(options)
         loader = str(options.pop("source", name))
-        if loader not in SOURCES:
-            raise ConfigError(
-                f"data.sources.{name}: {loader!r} is no loader; set data.sources.{name}.source"
-                f" to one of {', '.join(sorted(SOURCES))}"
-            )
         options.setdefault("root", self.root)
         options.setdefault("download", download)
         return EpisodeDataModule(name=loader, **common, **options)
