@@ -130,7 +130,9 @@ class MetaLSTM(EpisodicModule):
         if kind != "trained":
             with torch.set_grad_enabled(meta and torch.is_grad_enabled()):
                 fs = [self.model.features(sx)] if kind == "prototypes" else [sx]
-            params.update(heads.initial_heads(fs, [sy], [ways], kind, params["head.weight"].shape[1], meta)[0])
+            params.update(
+                heads.initial_heads(fs, [sy], [ways], kind, params["head.weight"].shape[1], meta)[0]
+            )
         layout = [(n, p.shape) for n, p in params.items()]
         with torch.set_grad_enabled(meta and torch.is_grad_enabled()):
             c0 = torch.cat([p.flatten() for p in params.values()])
@@ -139,9 +141,7 @@ class MetaLSTM(EpisodicModule):
     def learner(self, c: torch.Tensor, layout, x: torch.Tensor) -> torch.Tensor:
         """The learner's outputs for x with parameters c."""
         sizes = [math.prod(shape) for _, shape in layout]
-        params = {
-            n: v.view(shape) for (n, shape), v in zip(layout, c.split(sizes), strict=True)
-        }
+        params = {n: v.view(shape) for (n, shape), v in zip(layout, c.split(sizes), strict=True)}
         return functional_call(self.model, params, (x,))
 
     # ---- the meta-learner's inner loop --------------------------------------------------
