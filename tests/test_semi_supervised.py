@@ -262,7 +262,7 @@ def test_soft_kmeans_protonet_does_not_lose_to_supervised_protonet_on_the_same_e
 
 @pytest.mark.parametrize(
     "algo",
-    ["protonet", "maml", "reptile", "matching", "semi_protonet algo.semi=soft_kmeans_cluster",
+    ["protonet", "maml", "semi_protonet algo.semi=soft_kmeans_cluster",
      "semi_maml algo.pseudo_threshold=0.2"],
 )  # fmt: skip
 def test_algorithms_run_on_episodes_with_unlabelled_sets(algo, tmp_path, data_root):
