@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from metalearn.data.episodes import Episodes
+from metalearn.data.episodes import labelled
 from metalearn.errors import ConfigError, NonFiniteLossError
 from metalearn.models.protocol import check_backbone
 from metalearn.tasks import CLASSIFICATION, TaskKind, task_kind
@@ -77,6 +77,7 @@ class EpisodicModule(L.LightningModule):
     trained_head = False  # whether test-time adaptation starts from the trained N-way head
     head_init = "auto"  # how it starts for other numbers of classes (algorithms/heads.py)
     task_kinds: tuple[str, ...] = ("classification",)  # the kinds of task it can learn
+    uses_unlabelled = False  # whether it gets episodes' unlabelled sets (data.unlabelled)
 
     def __init__(
         self,
@@ -305,7 +306,7 @@ class EpisodicModule(L.LightningModule):
             accs = self.evaluate(episodes).detach().float()
         # each episode's shape beside its metric: (metric, ways, shots per class); regression
         # has no classes: (metric, 1, support points)
-        episodes = Episodes(*episodes)
+        episodes = labelled(episodes)
         if self.task.episode_labels:
             shape = torch.tensor([episodes.ways(), episodes.shots()], dtype=accs.dtype).T
         else:

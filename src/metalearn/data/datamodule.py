@@ -17,6 +17,10 @@ meta-batch: each rank draws meta_batch_size // world_size tasks (see metalearn.d
 training or fixed, draws its own shape, and meta-batches are ragged ``Episodes`` (tuples of
 per-episode tensors). A split with ``episode_groups`` (Omniglot's ``within_alphabet``) draws
 each episode's classes from one group.
+
+``unlabelled`` (data/unlabelled.py, off by default): each class's images are cut once into a
+labelled part (support and query) and an unlabelled part, and every episode carries an
+unlabelled set (``SemiEpisodes``) drawn from a Generator of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from metalearn.data.augment import Augment
 from metalearn.data.episodes import (
     EpisodeIndices,
     Episodes,
+    SemiEpisodes,
     as_indices,
     materialise,
     materialise_varying,
@@ -43,6 +48,16 @@ from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.splits import Splits, check_disjoint
 from metalearn.data.transforms import Preprocessing, normalise
+from metalearn.data.unlabelled import (
+    UNLABELLED_TAG,
+    Unlabelled,
+    check_fits,
+    eval_unlabelled_indices,
+    materialise_unlabelled,
+    sample_unlabelled,
+    split_labelled,
+    with_unlabelled,
+)
 from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 from metalearn.interrupt import ignore_sigint
@@ -94,7 +109,9 @@ class TrainMetaBatches(Dataset):
         augment: Augment | None = None,
         shapes: EpisodeShapes | None = None,
         groups: np.ndarray | None = None,
+        unlabelled: tuple[ClassImages, Unlabelled] | None = None,
     ):
+        self.unlabelled = unlabelled  # (each class's unlabelled part, data.unlabelled) or None
         self.classes, self.length, self.meta_batch_size = classes, length, meta_batch_size
         self.ways, self.shots, self.queries, self.seed, self.rank = ways, shots, queries, seed, rank
         self.norm, self.augment = norm, augment
@@ -117,15 +134,27 @@ class TrainMetaBatches(Dataset):
         )
 
     def __getitem__(self, index: int) -> Episodes:
-        episodes = built(self.classes, self.indices(index), self.shots)
+        drawn = self.indices(index)
+        episodes = built(self.classes, drawn, self.shots)
+        epoch, i = divmod(int(index), self.length)
         if self.augment is not None and self.augment.active:
-            epoch, i = divmod(int(index), self.length)
             rng = seeded_rng(self.seed, self.rank, epoch, i, AUGMENT_TAG)
             episodes = episodes._replace(
                 support_x=each(episodes.support_x, lambda x: self.augment(x, rng)),
                 query_x=each(episodes.query_x, lambda x: self.augment(x, rng)),
             )
-        return normalised(episodes, self.norm)
+        episodes = normalised(episodes, self.norm)
+        if self.unlabelled is None:
+            return episodes
+        images, spec = self.unlabelled
+        rng = seeded_rng(self.seed, self.rank, epoch, i, UNLABELLED_TAG)
+        x, y = materialise_unlabelled(
+            images, sample_unlabelled(rng, drawn.classes, images.counts, spec), self.ways
+        )
+        if self.augment is not None and self.augment.active:
+            x = self.augment(x, seeded_rng(self.seed, self.rank, epoch, i, AUGMENT_TAG,
+                                           UNLABELLED_TAG))  # fmt: skip
+        return with_unlabelled(episodes, normalise(x, self.norm), y)
 
 
 def built(classes: ClassImages, drawn, shots: int) -> Episodes:
@@ -191,7 +220,9 @@ class FixedEpisodes(Dataset):
         shots: int,
         batch_size: int,
         norm: tuple | None = None,
+        unlabelled: tuple | None = None,
     ):
+        self.unlabelled = unlabelled  # (unlabelled parts, UnlabelledIndices) or None
         self.classes, self.index, self.shots = classes, indices, shots
         self.batch_size, self.norm = batch_size, norm
 
@@ -210,7 +241,13 @@ class FixedEpisodes(Dataset):
             indices = EpisodeIndices(*(a[part] for a in self.index))
         else:
             indices = self.index[part]
-        return normalised(built(self.classes, indices, self.shots), self.norm)
+        episodes = normalised(built(self.classes, indices, self.shots), self.norm)
+        if self.unlabelled is None:
+            return episodes
+        images, drawn = self.unlabelled
+        x, y = materialise_unlabelled(images, type(drawn)(*(a[part] for a in drawn)),
+                                      indices.classes.shape[1])  # fmt: skip
+        return with_unlabelled(episodes, normalise(x, self.norm), y)
 
     def shapes(self) -> list[tuple[int, float]]:
         """(ways, support images per class) of every episode, in order."""
@@ -260,9 +297,18 @@ class EpisodeDataModule(L.LightningDataModule):
         ways_range: list | tuple = (5, 20),
         shots_range: list | tuple = (1, 5),
         metadataset: dict | None = None,
+        unlabelled: dict | None = None,
         **source_options,
     ):
         super().__init__()
+        # semi-supervised episodes (data/unlabelled.py); per_class=0: off, nothing changes
+        self.unlabelled = Unlabelled(**dict(unlabelled or {}))
+        if self.unlabelled.active and episodes != "fixed":
+            raise ConfigError(
+                f"data.unlabelled adds unlabelled sets to fixed N-way K-shot episodes only: set "
+                f"data.episodes=fixed (it is {episodes}) or data.unlabelled.per_class=0"
+            )
+        self.unlabelled_splits: Splits | None = None  # each class's unlabelled part, in setup
         # the varying shapes' bounds are checked now; `queries` joins them in setup
         self.episode_spec = dict(
             mode=episodes,
@@ -348,11 +394,23 @@ class EpisodeDataModule(L.LightningDataModule):
             channels=self.channels,
             **self.source_options,
         )
+        full_train = splits.train  # normalize=auto: from all meta-train images
+        if self.unlabelled.active:
+            if splits.episode_groups:
+                raise ConfigError(
+                    "data.unlabelled does not draw episodes within one alphabet yet: set "
+                    "data.within_alphabet=false or data.unlabelled.per_class=0"
+                )
+            splits, unlabelled = split_labelled(
+                splits, self.unlabelled.labelled_fraction, self.split_seed
+            )
+            check_fits(unlabelled, self.unlabelled)
+            self.unlabelled_splits = unlabelled
         self._check(splits)
         check_disjoint(splits)
         self._resolve_shapes(splits)
         self.image_size, self.channels = splits.train.image_size, splits.train.channels
-        self.norm = resolve_normalize(self.normalize, splits.train)
+        self.norm = resolve_normalize(self.normalize, full_train)
         self._splits = splits
 
     def _resolve_shapes(self, splits: Splits) -> None:
@@ -493,7 +551,13 @@ class EpisodeDataModule(L.LightningDataModule):
             self.augment,
             self.train_shapes,
             self.groups(self.splits.train, self.splits),
+            self._unlabelled_of("train"),
         )
+
+    def _unlabelled_of(self, split: str) -> tuple[ClassImages, Unlabelled] | None:
+        if not self.unlabelled.active:
+            return None
+        return getattr(self.unlabelled_splits, split), self.unlabelled
 
     def eval_dataset(self, split: str) -> FixedEpisodes:
         episodes = self.val_episodes if split == "val" else self.test_episodes
@@ -515,12 +579,29 @@ class EpisodeDataModule(L.LightningDataModule):
                 f" use at least {world_size} (every process scores a share of the episodes)"
             )
         share = np.array_split(np.arange(episodes), world_size)[rank]
+        unlabelled = self._unlabelled_of(split)
+        if unlabelled is not None:
+            images, spec = unlabelled
+            drawn = eval_unlabelled_indices(
+                images, indices.classes, spec, self.eval_seed, EVAL_SPLIT_TAGS[split]
+            )
+            unlabelled = (images, type(drawn)(*(a[share] for a in drawn)))
         if isinstance(indices, EpisodeIndices):
             indices = EpisodeIndices(*(a[share] for a in indices))
         else:
             indices = [indices[i] for i in share]
         classes = getattr(self.splits, split)
-        return FixedEpisodes(classes, indices, self.shots, self.eval_batch_size, self.norm)
+        return FixedEpisodes(
+            classes, indices, self.shots, self.eval_batch_size, self.norm, unlabelled
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """An unlabelled set reaches only the algorithms that declare ``uses_unlabelled``;
+        every other one gets the plain labelled ``Episodes`` it always had."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if isinstance(batch, SemiEpisodes) and not getattr(module, "uses_unlabelled", False):
+            return batch.labelled()
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()

@@ -56,6 +56,38 @@ class Episodes(NamedTuple):
         return [len(y) / w for y, w in zip(self.support_y, self.ways(), strict=True)]
 
 
+class SemiEpisodes(NamedTuple):
+    """Episodes with an unlabelled set each (``data.unlabelled``, data/unlabelled.py): the four
+    ``Episodes`` fields, then the unlabelled images and their hidden labels.
+
+    A type of its own rather than a fifth ``Episodes`` field, so the many ``zip(*episodes)``
+    that walk (support, query) tasks stay as they are: an algorithm that does not declare
+    ``uses_unlabelled`` gets ``labelled()`` (algorithms/base.py drops the set on arrival)."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+    unlabelled_x: Tensor  # [B, U, C, H, W]: U = (N + D) * M, shuffled
+    unlabelled_y: Tensor  # [B, U]: each image's episode label, -1 for a distractor class's;
+    # for tests and analysis only: no algorithm may learn from it
+
+    def to(self, device, non_blocking: bool = False) -> SemiEpisodes:
+        return SemiEpisodes(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.support_x)
+
+    def labelled(self) -> Episodes:
+        return Episodes(*self[:4])
+
+
+def labelled(episodes) -> Episodes:
+    """The labelled episodes of a meta-batch, with or without an unlabelled set."""
+    return Episodes(*episodes[:4])
+
+
 def ragged(episodes: list[Episodes]) -> Episodes:
     """One ragged meta-batch from single episodes (each with B = 1)."""
     return Episodes(*(tuple(e[i][0] for e in episodes) for i in range(4)))
