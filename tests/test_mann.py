@@ -91,11 +91,34 @@ def test_usage_decays_by_gamma_and_adds_the_read_and_write_weights():
     _, new = module.step(x, torch.zeros(3, 3, dtype=torch.float64), state)
     # w^w of this step, recomputed from the controller's outputs
     h = new.h
-    keys = module.key(h).view(3, 2, -1)
-    _, write = lrua_write(state.memory, state.read_weights, state.usage, keys, module.alpha(h))
+    adds = torch.tanh(module.add(h)).view(3, 2, -1)
+    _, write = lrua_write(state.memory, state.read_weights, state.usage, adds, module.alpha(h))
     torch.testing.assert_close(
         new.usage, 0.5 * state.usage + new.read_weights.sum(1) + write.sum(1)
     )
+
+
+@pytest.mark.parametrize("write", ["add", "key"])
+def test_a_step_writes_its_write_vector_and_reads_with_its_key(write):
+    """write=add: the least-used slot receives tanh(W_a h_t), a vector separate from the read key
+    tanh(W_k h_t) (the reimplementations that learn, e.g. tristandeleu/ntm-one-shot); with the
+    key written (write=key) the read after the write finds the step's own key at cosine 1."""
+    module = mann(write=write, memory_slots=4)
+    torch.nn.init.constant_(module.alpha.bias, -50.0)  # gate closed: all to the least-used slot
+    torch.nn.init.zeros_(module.alpha.weight)
+    state = module.initial_state(2, torch.zeros(1, dtype=torch.float64))
+    x = torch.rand(2, 16 * 16, dtype=torch.float64)
+    _, new = module.step(x, torch.zeros(2, 3, dtype=torch.float64), state)
+    key = torch.tanh(module.key(new.h))
+    written = key if write == "key" else torch.tanh(module.add(new.h))
+    assert (write == "add") == (module.add is not None)
+    # slot 0 (least used, ties: lowest index) zeroed, then + the write vector; the rest stay 1e-6
+    torch.testing.assert_close(new.memory[:, 0], written)
+    torch.testing.assert_close(new.memory[:, 1:], torch.full_like(new.memory[:, 1:], 1e-6))
+    weights, _ = content_read(new.memory, key.unsqueeze(1))
+    torch.testing.assert_close(new.read_weights, weights)
+    if write == "add":
+        assert not torch.allclose(written, key)
 
 
 def test_each_step_carries_the_previous_steps_label_the_first_a_zero_vector():
@@ -149,6 +172,8 @@ def test_sequences_hold_each_episodes_support_and_query_images_shuffled():
 def test_bad_settings_are_refused_naming_the_fix():
     with pytest.raises(ConfigError, match="pixels"):
         mann(encoder="conv")
+    with pytest.raises(ConfigError, match="separate write vector"):
+        mann(write="both")
     with pytest.raises(ConfigError, match="fewer heads"):
         mann(read_heads=8, memory_slots=4)
     module = mann()

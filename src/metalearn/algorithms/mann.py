@@ -128,11 +128,17 @@ class MANN(EpisodicModule):
         gamma: float = 0.95,
         grad_clip: float | None = 10.0,
         sharpness: float = 1.0,
+        write: str = "add",
     ):
         if encoder not in ("pixels", "features"):
             raise ConfigError(
                 f"algo.encoder={encoder!r}: use pixels (flattened images, the paper's) or "
                 "features (the backbone's embedding, trained end to end)"
+            )
+        if write not in ("add", "key"):
+            raise ConfigError(
+                f"algo.write={write!r}: use add (a separate write vector a_t, as the working "
+                "reimplementations) or key (the read key k_t itself, the paper's text)"
             )
         if not sharpness > 0:
             raise ConfigError(f"algo.sharpness={sharpness}: use a positive factor (1: the paper's)")
@@ -162,6 +168,10 @@ class MANN(EpisodicModule):
         self.controller = nn.LSTMCell(width + self.ways + read_heads * memory_size, controller_size)
         self.key = nn.Linear(controller_size, read_heads * memory_size)
         self.alpha = nn.Linear(controller_size, read_heads)
+        self.write = write
+        # a separate write vector: what is written (the image's features bound to the label seen
+        # one step later) need not be what the same step looks up with
+        self.add = nn.Linear(controller_size, read_heads * memory_size) if write == "add" else None
         self.out = nn.Linear(controller_size + read_heads * memory_size, self.ways)
         self._orders: torch.Generator | None = None
 
@@ -194,9 +204,10 @@ class MANN(EpisodicModule):
         """One time step: inputs x [B, width], y_{t-1} [B, ways] -> (logits [B, ways], state)."""
         h, c = self.controller(torch.cat([x, prev_label, state.reads], -1), (state.h, state.c))
         batch = len(x)
-        keys = self.key(h).view(batch, self.heads, self.size)
+        keys = torch.tanh(self.key(h)).view(batch, self.heads, self.size)
+        adds = keys if self.add is None else torch.tanh(self.add(h)).view(keys.shape)
         memory, write_weights = lrua_write(
-            state.memory, state.read_weights, state.usage, keys, self.alpha(h)
+            state.memory, state.read_weights, state.usage, adds, self.alpha(h)
         )
         read_weights, reads = content_read(memory, keys, self.sharpness)
         usage = self.gamma * state.usage + read_weights.sum(1) + write_weights.sum(1)
