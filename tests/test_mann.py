@@ -169,6 +169,27 @@ def test_sequences_hold_each_episodes_support_and_query_images_shuffled():
             assert len(match) == 1 and labels[match[0]] == y[b, t]
 
 
+def test_validation_scores_the_later_presentations_of_the_same_seeded_sequences():
+    """val/acc per episode: the accuracy at the 2nd and later presentations of the shuffled
+    support + query sequence, the same sequences at every validation."""
+    module = mann()
+    eps = random_episodes(batch=2, ways=3, shots=2, queries=3)
+    rows = []
+    for _ in range(2):
+        module.on_validation_epoch_start()
+        module.validation_step(eps, 0)
+        rows.append(torch.cat(module._eval_accs))
+    torch.testing.assert_close(rows[0], rows[1])
+    x, y = module.sequences(eps, torch.Generator().manual_seed(0))
+    logits, _ = module.run_sequence(x, y)
+    correct = (logits.argmax(-1) == y).tolist()
+    numbers = instance_numbers(y).tolist()
+    for b in range(2):
+        later = [c for c, n in zip(correct[b], numbers[b], strict=True) if n > 1]
+        assert len(later) == 15 - 3
+        assert rows[0][b].tolist() == pytest.approx([sum(later) / len(later), 3, 2])
+
+
 def test_bad_settings_are_refused_naming_the_fix():
     with pytest.raises(ConfigError, match="pixels"):
         mann(encoder="conv")
