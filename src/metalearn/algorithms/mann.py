@@ -12,7 +12,9 @@ memory M (slots x size) that an LSTM controller reads and writes:
 * written by least-recently-used access (LRUA): usage w^u_t = gamma w^u_{t-1} + w^r_t + w^w_t,
   the least-used weights w^lu_{t-1} (1 at the ``read_heads`` least-used slots of w^u_{t-1}),
   w^w_t = sigmoid(alpha) w^r_{t-1} + (1 - sigmoid(alpha)) w^lu_{t-1}, and, after the single
-  least-used slot is zeroed, M_t(i) = M_{t-1}(i) + w^w_t(i) k_t (the paper writes the key);
+  least-used slot is zeroed, M_t(i) = M_{t-1}(i) + w^w_t(i) a_t, with keys k_t = tanh(W_k h_t)
+  and a separate write vector a_t = tanh(W_a h_t) (``write: add``, as the reimplementations
+  that learn) or the key itself (``write: key``, the paper's text);
 * the controller reads [x_t, y_{t-1}, r_{t-1}]; the output is softmax(W [h_t, r_t]).
 
 Trained on the cross-entropy of every step's prediction. Input: flattened pixels as in the
