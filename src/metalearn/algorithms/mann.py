@@ -27,8 +27,8 @@ then each query is one further step from that state, presented with the last sup
 and read without the other queries written. The paper's Table 1, accuracy at the 1st, 2nd,
 3rd, 4th, 5th and 10th presentation of a class in a sequence of the episode's support and query
 images shuffled together, is logged at test as ``test/acc_instance_<k>`` (with ``_ci95`` over
-episodes) and tabulated by ``metalearn.report``. ``val/acc``, which selects the checkpoint, is the sequence
-accuracy at the 2nd and later presentations (see ``validation_step``).
+episodes) and tabulated by ``metalearn.report``. ``val/acc``, which selects the checkpoint, is
+the sequence accuracy at the 2nd and later presentations (see ``validation_step``).
 """
 
 from __future__ import annotations
