@@ -12,6 +12,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# pytest-xdist runs one test process per core: one torch thread each (and in the runs they
+# start), or the processes fight over the cores
+PARALLEL = "PYTEST_XDIST_WORKER" in os.environ
+if PARALLEL:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -27,5 +32,5 @@ def data_root() -> Path:
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if PARALLEL else 2)
     yield

@@ -45,3 +45,24 @@ def test_meta_step_benchmark_smoke(data_root):
     }
     assert all(m["peak_mb"] > 0 for m in ff15["memory"])
     assert ff15["data"]["produced_over_consumed"] > 1
+
+
+def test_data_rate_benchmark_compares_production_with_a_real_fit(data_root, tmp_path):
+    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
+    out = tmp_path / "rates.json"
+    args = f"--datasets sinusoid,folder --batches 3 --steps 1 --warmup 0 --json {out}"
+    args += " --per-class 4 --override algo.inner_steps=1 queries=2"
+    proc = subprocess.run(
+        [sys.executable, "bench/data_rate.py", *args.split()],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rates = json.loads(out.read_text())
+    assert set(rates) == {"sinusoid", "folder"}
+    for rate in rates.values():
+        assert rate["produced"] > 0 and rate["consumed"] > 0
+        assert rate["ratio"] == rate["produced"] / rate["consumed"]

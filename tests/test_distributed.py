@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from metalearn.data.datamodule import EpisodeDataModule, TrainMetaBatches
 from metalearn.data.episodes import Episodes
+from metalearn.data.sinusoid import SinusoidDataModule, SinusoidMetaBatches
 from metalearn.errors import ConfigError
 from tests.helpers import REPO, patched_train
 
@@ -339,3 +340,80 @@ def test_reptile_ddp_inner_optimizer_state_resumes_and_evaluates(tmp_path, data_
     assert any("inner optimizer states of 2 processes" in r.getMessage() for r in caplog.records)
     ddp = json.loads((straight / "metrics.json").read_text())
     assert one["curve"][-1]["val/acc"] == pytest.approx(ddp["curve"][-1]["val/acc"], abs=1e-6)
+
+
+# ---- regression: MAML on sinusoids ----------------------------------------------------------
+SINUSOID = [
+    "experiment=maml_sinusoid",
+    "algo.meta_batch_size=4",  # global: 2 tasks per rank
+    "data.batches_per_epoch=2",
+    "trainer.max_steps=4",
+    "data.val_episodes=5",  # shares of 3 and 2 tasks
+    "data.test_episodes=5",
+    "data.eval_batch_size=2",
+    "logger=none",
+    "print_config=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "algo.optimizer._target_=torch.optim.SGD",
+    "algo.optimizer.lr=0.01",
+]
+
+
+class UnionOfSinusoidShards(SinusoidDataModule):
+    """One process that trains on the union of the tasks `shards` DDP ranks would draw."""
+
+    def __init__(self, shards: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.shards = shards
+
+    def train_dataset(self) -> Dataset:
+        per_rank = self.meta_batch_size // self.shards
+        return _ConcatTasks(
+            [
+                SinusoidMetaBatches(
+                    self.family,
+                    self.batches_per_epoch,
+                    per_rank,
+                    self.shots,
+                    self.queries,
+                    self.seed,
+                    rank,
+                )
+                for rank in range(self.shards)
+            ]
+        )
+
+
+def test_sinusoid_regression_two_processes_equal_one_with_the_union_of_tasks(tmp_path, data_root):
+    """DDP serves regression as it serves classification: the same weights, and the val/test
+    MSE gathered over unequal shares equals one process's over the same tasks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from metalearn.train import run
+
+    ddp = tmp_path / "ddp"
+    command = [sys.executable, "train.py", "trainer=ddp_cpu", "trainer.devices=2", *SINUSOID]
+    run_ok([*command, f"hydra.run.dir={ddp}"], data_root)
+    target = f"{UnionOfSinusoidShards.__module__}.{UnionOfSinusoidShards.__qualname__}"
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = hydra_compose(
+            "train",
+            overrides=[
+                *SINUSOID,
+                f"data._target_={target}",
+                "+data.shards=2",
+                f"output_dir={tmp_path / 'one'}",
+            ],
+        )
+    assert run(cfg)["status"] == "ok"
+    ddp_params = parameters(ddp / "checkpoints" / "last.ckpt")
+    one_params = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
+    assert max_diff(ddp_params, one_params) < 1e-5
+    two, one = (json.loads((d / "metrics.json").read_text()) for d in (ddp, tmp_path / "one"))
+    assert two["steps"] == one["steps"] == 4
+    assert [c["val/mse"] for c in two["curve"]] == pytest.approx(
+        [c["val/mse"] for c in one["curve"]], rel=1e-5
+    )
+    assert two["test/mse"] == pytest.approx(one["test/mse"], rel=1e-5)

@@ -34,6 +34,31 @@ def test_render_episode_writes_png(data_root, tmp_path, dataset, split):
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.05
 
 
+@pytest.mark.parametrize("mode,split", [("range", "val"), ("metadataset", "train")])
+def test_render_episode_draws_episodes_of_varying_shape(data_root, tmp_path, mode, split):
+    cfg = minimal_cfg(data_root, "omniglot", tmp_path / f"{mode}.png", split=split)
+    cfg.data.episodes = mode
+    path = render_episode(cfg)
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0.05
+
+
+def test_episode_figure_shows_unequal_classes_and_caps_large_episodes():
+    import numpy as np
+
+    from metalearn.show_episode import MAX_QUERIES, SUPPORT_COLUMNS, episode_figure
+
+    support = [np.random.rand(k, 8, 8) for k in (1, 3, 25)]
+    queries = np.random.rand(80, 8, 8)
+    fig = episode_figure(support, queries, np.zeros(80, int), ["a", "b", "c"])
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 1 + 3 + SUPPORT_COLUMNS + MAX_QUERIES
+    assert fig._suptitle.get_text() == (
+        f"3-way 1-25-shot episode (support rows, then first {MAX_QUERIES} of 80 queries)"
+    )
+    assert fig.axes[2 * SUPPORT_COLUMNS].get_ylabel() == f"2: c (+{25 - SUPPORT_COLUMNS})"
+
+
 def test_unknown_split_is_a_clear_error(data_root, tmp_path):
     from metalearn.errors import ConfigError
 

@@ -164,6 +164,7 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
     finally:
         finish_loggers(loggers)
     logged = trainer.callback_metrics
+    per_source = (f"test/{learner.task.metric}/", f"test/{learner.task.metric}_ci95/")
     metrics = {
         **run_info(cfg),
         "kind": "evaluation",
@@ -174,6 +175,8 @@ def evaluate(ckpt, overrides=(), output_dir=None, head_init="auto") -> dict:
         f"test/{learner.task.metric}": float(logged[f"test/{learner.task.metric}"]),
         f"test/{learner.task.metric}_ci95": float(logged[f"test/{learner.task.metric}_ci95"]),
         **by_episode(learner),
+        # several sources (data=mix): test/acc/<source> and test/acc_ci95/<source>
+        **{k: float(v) for k, v in logged.items() if k.startswith(tuple(per_source))},
         # sequence learners (MANN): accuracy at the k-th presentation of a class
         **{k: float(v) for k, v in logged.items() if k.startswith("test/acc_instance_")},
         "test_episodes": datamodule.test_episodes,

@@ -33,15 +33,42 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
-class StopOnInterrupt(L.Callback):
+class SignalDuringFit(L.Callback):
+    """Holds a handler for ``signum`` while fitting and puts the previous one back when the fit
+    ends, fails, or the handler chooses to (a second signal then gets the previous handling)."""
+
+    signum = signal.SIGINT
+
+    def __init__(self) -> None:
+        self._previous = None
+
+    def _install(self, handler) -> None:
+        self._previous = signal.signal(self.signum, handler)
+
+    def _restore(self) -> None:
+        if self._previous is not None and signal.getsignal(self.signum) == self._handle:
+            signal.signal(self.signum, self._previous)
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+
+class StopOnInterrupt(SignalDuringFit):
     """The first SIGINT while fitting stops training gracefully; SIGTERM writes ``last_path``
     at the step where Lightning stops (see the module doc)."""
 
     def __init__(self, last_path) -> None:
+        super().__init__()
         self.requested = False  # SIGINT: stopping after this step
         self.terminated = False  # SIGTERM: stopped, last_path written
         self.last_path = last_path
-        self._previous = None
         self._trainer: L.Trainer | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -52,7 +79,7 @@ class StopOnInterrupt(L.Callback):
         ):  # DDP; or a host that ignores or handles SIGINT itself (e.g. joblib's workers)
             return
         self._trainer = trainer
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._install(self._handle)
 
     def resume_from(self) -> str:
         """``last_path`` if it was written, else "" (after a test, ModelCheckpoint's own path
@@ -71,16 +98,8 @@ class StopOnInterrupt(L.Callback):
             flush=True,
         )
 
-    def _restore(self) -> None:
-        if self._previous is not None and signal.getsignal(signal.SIGINT) == self._handle:
-            signal.signal(signal.SIGINT, self._previous)
-        self._previous = None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()
-
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
+        super().on_exception(trainer, pl_module, exception)
         # Lightning raises it at a step boundary (or inside validation, which leaves the weights
         # as they are): the training state is consistent. Not while testing: the model then
         # holds the best checkpoint's weights, not the training's.

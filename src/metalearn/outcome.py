@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from metalearn.data.mix import mix_info
 from metalearn.utils import finish_loggers
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def run_info(cfg: DictConfig) -> dict:
         "engine": cfg.engine._target_.rsplit(".", 1)[-1].removesuffix("Engine").lower(),
         "samples_per_class": cfg.data.get("samples_per_class"),
     }
+    info.update(mix_info(cfg.data))  # data=mix: its training and test sources
     if cfg.get("tags"):
         info["tags"] = list(cfg.tags)
     if debug_mode(cfg):
@@ -61,6 +63,8 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         "status": "ok",
         "metric": m,  # the task's: acc (higher is better) or mse (lower is better)
         **{k: logged[k] for k in (f"test/{m}", f"test/{m}_ci95") if k in logged},
+        # several sources (data=mix): test/acc/<source> and test/acc_ci95/<source>
+        **{k: v for k, v in logged.items() if k.startswith((f"test/{m}/", f"test/{m}_ci95/"))},
         **by_episode(algo),
         # sequence learners (MANN): accuracy at the k-th presentation of a class
         **{k: v for k, v in logged.items() if k.startswith("test/acc_instance_")},

@@ -52,8 +52,14 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from metalearn.report_mix import dataset_label as mix_dataset_label
+from metalearn.report_mix import markdown as cross_domain_markdown
+from metalearn.report_mix import print_table as print_cross_domain
+from metalearn.report_mix import write_csv as write_cross_domain_csv
+
 # overrides that are table axes (or the seed, averaged over), never part of a row's label
 AXES = {"algo", "algo.name", "data", "data.name", "ways", "shots", "seed", "data.samples_per_class"}
+AXES |= {"data.train_sources", "data.test_sources", "data.weights"}  # data=mix: in its label
 # run bookkeeping that says nothing about the setting
 IGNORED = (
     "hydra",
@@ -93,8 +99,9 @@ class Run:
     @property
     def row(self) -> tuple:
         samples = self.get("samples_per_class")
+        dataset = mix_dataset_label(self.metrics) if self.get("train_sources") else None
         return (
-            str(self.get("dataset", "?")),
+            dataset or str(self.get("dataset", "?")),
             "all" if samples is None else str(samples),
             str(self.get("algo", "?")),
             " ".join(v for v in (self.variant, self.evaluated()) if v),
@@ -741,10 +748,15 @@ def report(
     failures = [r for r in runs if not r.ok]
     files = {"markdown": out / "results.md", "csv": out / "results.csv"}
     text = markdown(rows, cols, cells, failures, metric, root)
+    cross = cross_domain_markdown(runs)  # data=mix runs: one row per mix, a column per source
     files["markdown"].write_text(
-        with_instance_table(text, runs) + (f"\n{left_out(debug)}\n" if debug else "")
+        with_instance_table(text, runs)
+        + (f"\n{cross}" if cross else "")
+        + (f"\n{left_out(debug)}\n" if debug else "")
     )
     write_csv(files["csv"], rows, cols, cells, metric)
+    if write_cross_domain_csv(out / "cross_domain.csv", runs):
+        files["cross_domain"] = out / "cross_domain.csv"
     if write_shape_csv(out / "by_shape.csv", runs):
         files["by_shape"] = out / "by_shape.csv"
     if plot and plot_curves(runs, out / "learning_curves.png"):
@@ -803,6 +815,7 @@ def print_report(rows, cols, cells, failures, metric, root, files, runs=()) -> N
     from metalearn.report_instances import print_table as print_instance_table
 
     print_instance_table(runs, console)  # sequence learners (MANN) only
+    print_cross_domain(runs, console)  # runs on several sources (data=mix) only
     if failures:
         f = Table(title=f"failed jobs ({len(failures)})", title_style="bold red")
         for name in ("job", "setting", "error"):

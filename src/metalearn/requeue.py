@@ -31,7 +31,7 @@ import signal
 import threading
 from pathlib import Path
 
-import lightning as L
+from metalearn.interrupt import SignalDuringFit
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,19 @@ def cluster_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)]
 
 
-class RequeueOnTimeLimit(L.Callback):
+class RequeueOnTimeLimit(SignalDuringFit):
     """During a single-process fit, the requeue signal stops training at the step boundary
     (as SIGTERM does: ``last.ckpt`` written there); the requeue itself is deferred to
     ``hand_over()`` after the run (see the module doc)."""
 
     def __init__(self, signum: int) -> None:
+        super().__init__()
         self.signum = signum
-        self._previous = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
             return  # DDP: submitit's handler (rank 0 requeues); the ranks stop together
-        self._previous = signal.signal(self.signum, self._handle)
+        self._install(self._handle)
 
     def _handle(self, signum, frame) -> None:
         log.warning(
@@ -96,17 +96,6 @@ class RequeueOnTimeLimit(L.Callback):
         STATE.deferred = (signum, self._previous)
         self._restore()
         signal.raise_signal(signal.SIGTERM)  # Lightning stops at the step's end
-
-    def _restore(self) -> None:
-        if self._previous is not None and signal.getsignal(self.signum) == self._handle:
-            signal.signal(self.signum, self._previous)
-        self._previous = None
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore()
 
 
 def run_requeueable(job):

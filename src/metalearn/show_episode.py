@@ -18,24 +18,28 @@ import hydra
 import matplotlib
 from omegaconf import DictConfig
 
-from metalearn.data.episodes import EpisodeIndices, materialise
+from metalearn.data.episodes import EpisodeIndices, materialise, materialise_varying
 from metalearn.errors import ConfigError
 from metalearn.paths import conf_dir
 
 QUERY_COLUMNS = 10
+SUPPORT_COLUMNS = 10  # varying episodes can have 100 images a class
+MAX_QUERIES = 50
 SPLITS = ("val", "test", "train")
 TASK_NAME = "show_episode"
 
 
-def episode_figure(support, query_x, query_y, class_names: list[str]):
-    """A matplotlib Figure of one episode: support [N, K, H, W(, 3)], query [M, H, W(, 3)] with
-    labels."""
+def episode_figure(support: list, query_x, query_y, class_names: list[str]):
+    """A matplotlib Figure of one episode: ``support[i]`` the images of class i [K_i, H, W(, 3)]
+    (K_i may differ per class), query [M, H, W(, 3)] with labels. Large varying episodes are
+    shown in part (at most SUPPORT_COLUMNS images a class, MAX_QUERIES queries), and say so."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ways, shots = support.shape[:2]
-    columns = max(shots, min(QUERY_COLUMNS, len(query_x)))
-    query_rows = math.ceil(len(query_x) / columns)
+    ways, shots = len(support), [len(s) for s in support]
+    shown = min(len(query_x), MAX_QUERIES)
+    columns = max(min(max(shots), SUPPORT_COLUMNS), min(QUERY_COLUMNS, shown))
+    query_rows = math.ceil(shown / columns)
     fig, axes = plt.subplots(
         ways + query_rows,
         columns,
@@ -46,15 +50,18 @@ def episode_figure(support, query_x, query_y, class_names: list[str]):
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_frame_on(False)
-    for label in range(ways):
-        axes[label, 0].set_ylabel(f"{label}: {class_names[label]}", rotation=0, ha="right")
-        for k in range(shots):
-            show(axes[label, k], support[label, k])
-    for m, (image, label) in enumerate(zip(query_x, query_y, strict=True)):
+    for label, images in enumerate(support):
+        more = f" (+{len(images) - columns})" if len(images) > columns else ""
+        axes[label, 0].set_ylabel(f"{label}: {class_names[label]}{more}", rotation=0, ha="right")
+        for k, image in enumerate(images[:columns]):
+            show(axes[label, k], image)
+    for m, (image, label) in enumerate(zip(query_x[:shown], query_y[:shown], strict=True)):
         ax = axes[ways + m // columns, m % columns]
         show(ax, image)
         ax.set_title(f"query: {int(label)}", fontsize=8)
-    fig.suptitle(f"{ways}-way {shots}-shot episode (support rows, then queries)")
+    k = f"{shots[0]}-shot" if len(set(shots)) == 1 else f"{min(shots)}-{max(shots)}-shot"
+    queries = f"first {shown} of {len(query_x)} queries" if shown < len(query_x) else "queries"
+    fig.suptitle(f"{ways}-way {k} episode (support rows, then {queries})")
     fig.tight_layout()
     return fig
 
@@ -80,18 +87,20 @@ def render_episode(cfg: DictConfig) -> Path:
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
     if split == "train":  # the first episode of the first training meta-batch
-        indices = datamodule.train_dataset().indices(0)
+        drawn = datamodule.train_dataset().indices(0)
     else:  # the first fixed val/test episode
-        indices = datamodule.eval_dataset(split).index
-    indices = EpisodeIndices(*(a[:1] for a in indices))
-    classes, ways, shots = getattr(datamodule.splits, split), datamodule.ways, datamodule.shots
-    episode = materialise(classes, indices, shots)  # raw pixels in [0, 1], not normalised
-    support = displayable(episode.support_x[0])
-    support = support.reshape(ways, shots, *support.shape[1:])
-    names = [classes.names[c] for c in indices.classes[0]]
-    fig = episode_figure(
-        support, displayable(episode.query_x[0]), episode.query_y[0].numpy(), names
-    )
+        drawn = datamodule.eval_dataset(split).index
+    classes = getattr(datamodule.splits, split)
+    if isinstance(drawn, EpisodeIndices):  # every episode N-way K-shot
+        indices = EpisodeIndices(*(a[:1] for a in drawn))
+        episode, ids = materialise(classes, indices, datamodule.shots), indices.classes[0]
+    else:  # data.episodes=range|metadataset: each episode its own shape
+        episode, ids = materialise_varying(classes, drawn[:1]), drawn[0].classes
+    # raw pixels in [0, 1], not normalised
+    support_x, support_y, query_x, query_y = (field[0] for field in episode)
+    support = [displayable(support_x[support_y == label]) for label in range(len(ids))]
+    names = [classes.names[c] for c in ids]
+    fig = episode_figure(support, displayable(query_x), query_y.numpy(), names)
     out = Path(cfg.get("out") or Path(_run_dir()) / "episode.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)

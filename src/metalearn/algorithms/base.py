@@ -358,15 +358,26 @@ class EpisodicModule(L.LightningModule):
             prog_bar=True,
             sync_dist=False,
         )
+        self.log_dict(self._by_source("val", accs), sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
         rows = self._gathered_rows()
         value, ci = mean_ci95(rows[:, 0])
         m = self.task.metric
         self.log_dict({f"test/{m}": value, f"test/{m}_ci95": ci}, sync_dist=False)
+        self.log_dict(self._by_source("test", rows[:, 0]), sync_dist=False)
         # episodes of varying shapes: each one's shape and accuracy, for the report's tables
         varying = len(torch.unique(rows[:, 1:], dim=0)) > 1
         self.test_by_episode = episode_table(rows) if varying else None
+
+    def _by_source(self, stage: str, values: torch.Tensor) -> dict:
+        """Episodes of several sources (data=mix): ``<stage>/<metric>/<source>`` and its CI."""
+        sources = getattr(getattr(self.trainer, "datamodule", None), "episode_sources", None)
+        if sources is None:
+            return {}
+        from metalearn.data.mix import by_source
+
+        return by_source(values, sources(stage), f"{stage}/{self.task.metric}")
 
     # ---- checkpoint state beyond parameters -------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
