@@ -91,11 +91,34 @@ def test_usage_decays_by_gamma_and_adds_the_read_and_write_weights():
     _, new = module.step(x, torch.zeros(3, 3, dtype=torch.float64), state)
     # w^w of this step, recomputed from the controller's outputs
     h = new.h
-    keys = module.key(h).view(3, 2, -1)
-    _, write = lrua_write(state.memory, state.read_weights, state.usage, keys, module.alpha(h))
+    adds = torch.tanh(module.add(h)).view(3, 2, -1)
+    _, write = lrua_write(state.memory, state.read_weights, state.usage, adds, module.alpha(h))
     torch.testing.assert_close(
         new.usage, 0.5 * state.usage + new.read_weights.sum(1) + write.sum(1)
     )
+
+
+@pytest.mark.parametrize("write", ["add", "key"])
+def test_a_step_writes_its_write_vector_and_reads_with_its_key(write):
+    """write=add: the least-used slot receives tanh(W_a h_t), a vector separate from the read key
+    tanh(W_k h_t) (the reimplementations that learn, e.g. tristandeleu/ntm-one-shot); with the
+    key written (write=key) the read after the write finds the step's own key at cosine 1."""
+    module = mann(write=write, memory_slots=4)
+    torch.nn.init.constant_(module.alpha.bias, -50.0)  # gate closed: all to the least-used slot
+    torch.nn.init.zeros_(module.alpha.weight)
+    state = module.initial_state(2, torch.zeros(1, dtype=torch.float64))
+    x = torch.rand(2, 16 * 16, dtype=torch.float64)
+    _, new = module.step(x, torch.zeros(2, 3, dtype=torch.float64), state)
+    key = torch.tanh(module.key(new.h))
+    written = key if write == "key" else torch.tanh(module.add(new.h))
+    assert (write == "add") == (module.add is not None)
+    # slot 0 (least used, ties: lowest index) zeroed, then + the write vector; the rest stay 1e-6
+    torch.testing.assert_close(new.memory[:, 0], written)
+    torch.testing.assert_close(new.memory[:, 1:], torch.full_like(new.memory[:, 1:], 1e-6))
+    weights, _ = content_read(new.memory, key.unsqueeze(1))
+    torch.testing.assert_close(new.read_weights, weights)
+    if write == "add":
+        assert not torch.allclose(written, key)
 
 
 def test_each_step_carries_the_previous_steps_label_the_first_a_zero_vector():
@@ -146,9 +169,32 @@ def test_sequences_hold_each_episodes_support_and_query_images_shuffled():
             assert len(match) == 1 and labels[match[0]] == y[b, t]
 
 
+def test_validation_scores_the_later_presentations_of_the_same_seeded_sequences():
+    """val/acc per episode: the accuracy at the 2nd and later presentations of the shuffled
+    support + query sequence, the same sequences at every validation."""
+    module = mann()
+    eps = random_episodes(batch=2, ways=3, shots=2, queries=3)
+    rows = []
+    for _ in range(2):
+        module.on_validation_epoch_start()
+        module.validation_step(eps, 0)
+        rows.append(torch.cat(module._eval_accs))
+    torch.testing.assert_close(rows[0], rows[1])
+    x, y = module.sequences(eps, torch.Generator().manual_seed(0))
+    logits, _ = module.run_sequence(x, y)
+    correct = (logits.argmax(-1) == y).tolist()
+    numbers = instance_numbers(y).tolist()
+    for b in range(2):
+        later = [c for c, n in zip(correct[b], numbers[b], strict=True) if n > 1]
+        assert len(later) == 15 - 3
+        assert rows[0][b].tolist() == pytest.approx([sum(later) / len(later), 3, 2])
+
+
 def test_bad_settings_are_refused_naming_the_fix():
     with pytest.raises(ConfigError, match="pixels"):
         mann(encoder="conv")
+    with pytest.raises(ConfigError, match="separate write vector"):
+        mann(write="both")
     with pytest.raises(ConfigError, match="fewer heads"):
         mann(read_heads=8, memory_slots=4)
     module = mann()
@@ -253,40 +299,43 @@ def sequence_accuracies(module, data, blank=False):
 
 
 @pytest.mark.slow
-def test_mann_learns_the_label_sequence_on_omniglot_in_a_short_run(data_root):
-    """200 steps of 16 sequences (5 classes x 5 presentations, 20x20 pixels, the CPU-sized
-    defaults): predictions on the meta-test alphabets clearly above chance (20 %) at the 1st
-    presentation (a new class takes a label not yet seen) and at the later ones.
+def test_mann_binds_images_to_labels_in_memory_on_omniglot_in_a_short_run(data_root):
+    """1000 steps of 16 two-class sequences (5 presentations per class, 20x20 pixels, the CPU-
+    sized defaults, Adam 0.01) on the meta-training alphabets; on 100 meta-test sequences the
+    2nd and later presentations of a class are predicted clearly better than its 1st (a guess
+    helped by the label statistics) and than the same sequences with blank images (the label
+    statistics alone): the label was bound to the image in memory, the paper's behaviour.
 
-    Observed (seed 0, 100 test episodes): 1st 0.43-0.50, 2nd-5th pooled 0.27-0.29, untrained
-    0.20 / 0.20. This short run learns the label statistics, not yet the memory binding
-    (blank images score the same); the paper's regime (2nd > 1st, 80 %+) takes tens of
-    thousands of episodes (docs/algorithms.md)."""
+    Observed (seed 0): 1st 0.62, 2nd-5th 0.87 0.88 0.82 0.82; blank images 0.23, 0.71 0.71
+    0.72 0.60; untrained ~0.5 throughout."""
     from metalearn.data.datamodule import EpisodeDataModule
 
     torch.set_num_threads(1)
     dm = EpisodeDataModule(
-        name="omniglot", root=str(data_root), ways=5, shots=1, queries=4,
-        meta_batch_size=16, seed=0, batches_per_epoch=200, val_episodes=10,
+        name="omniglot", root=str(data_root), ways=2, shots=1, queries=4,
+        meta_batch_size=16, seed=0, batches_per_epoch=1000, val_episodes=10,
         test_episodes=100, eval_batch_size=50, image_size=20, num_workers=0,
     )  # fmt: skip
     dm.setup()
     torch.manual_seed(0)
-    module = MANN(tiny_net(ways=5).float(), partial(torch.optim.Adam, lr=3e-3), image_size=20)
+    module = MANN(tiny_net(ways=2).float(), None, image_size=20)
     data = dm.eval_dataset("test")
     before = sequence_accuracies(module, data)
-    opt = torch.optim.Adam(module.outer_parameters(), lr=3e-3)
+    opt = torch.optim.Adam(module.outer_parameters(), lr=1e-2)
     for episodes in dm.train_dataloader():
         x, y = module.sequences(episodes)
         logits, _ = module.run_sequence(x, y)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad()
         loss.backward()
+        module.before_outer_step()  # the gradient clipping of training
         opt.step()
     after = sequence_accuracies(module, data)
+    blank = sequence_accuracies(module, data, blank=True)
     later = sum(after[k] for k in (2, 3, 4, 5)) / 4
-    print(f"before {before} after {after} later {later:.3f}")
-    untrained_later = sum(before[k] for k in (2, 3, 4, 5)) / 4
-    assert abs(before[1] - 0.2) < 0.06 and abs(untrained_later - 0.2) < 0.05, before
-    assert after[1] > 0.32, after
-    assert later > 0.235, after
+    blank_later = sum(blank[k] for k in (2, 3, 4, 5)) / 4
+    print(f"before {before} after {after} blank {blank}")
+    assert all(abs(v - 0.5) < 0.1 for v in before.values()), before
+    assert later > after[1] + 0.12, after
+    assert later > blank_later + 0.08, (after, blank)
+    assert after[2] > blank[2] + 0.08, (after, blank)

@@ -12,20 +12,23 @@ memory M (slots x size) that an LSTM controller reads and writes:
 * written by least-recently-used access (LRUA): usage w^u_t = gamma w^u_{t-1} + w^r_t + w^w_t,
   the least-used weights w^lu_{t-1} (1 at the ``read_heads`` least-used slots of w^u_{t-1}),
   w^w_t = sigmoid(alpha) w^r_{t-1} + (1 - sigmoid(alpha)) w^lu_{t-1}, and, after the single
-  least-used slot is zeroed, M_t(i) = M_{t-1}(i) + w^w_t(i) k_t (the paper writes the key);
+  least-used slot is zeroed, M_t(i) = M_{t-1}(i) + w^w_t(i) a_t, with keys k_t = tanh(W_k h_t)
+  and a separate write vector a_t = tanh(W_a h_t) (``write: add``, as the reimplementations
+  that learn) or the key itself (``write: key``, the paper's text);
 * the controller reads [x_t, y_{t-1}, r_{t-1}]; the output is softmax(W [h_t, r_t]).
 
 Trained on the cross-entropy of every step's prediction. Input: flattened pixels as in the
 paper (``encoder: pixels``; the paper's Omniglot is 20x20: ``data.image_size=20``), or the
 backbone's features trained end to end (``encoder: features``).
 
-Two evaluations. ``test/acc`` (and ``val/acc``, ``adapt(...).predict``) is comparable with
+Two evaluations. ``test/acc`` (and ``adapt(...).predict``) is comparable with
 the other algorithms' K-shot cells: the support images are fed as a sequence (a seeded shuffle),
 then each query is one further step from that state, presented with the last support label,
 and read without the other queries written. The paper's Table 1, accuracy at the 1st, 2nd,
 3rd, 4th, 5th and 10th presentation of a class in a sequence of the episode's support and query
 images shuffled together, is logged at test as ``test/acc_instance_<k>`` (with ``_ci95`` over
-episodes) and tabulated by ``metalearn.report``.
+episodes) and tabulated by ``metalearn.report``. ``val/acc``, which selects the checkpoint, is
+the sequence accuracy at the 2nd and later presentations (see ``validation_step``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 
 from metalearn.algorithms.base import EpisodicModule, mean_ci95
 from metalearn.algorithms.metric import ways_of
+from metalearn.data.episodes import Episodes
 from metalearn.errors import ConfigError
 
 # the presentations of a class that the paper's Table 1 reports
@@ -128,11 +132,17 @@ class MANN(EpisodicModule):
         gamma: float = 0.95,
         grad_clip: float | None = 10.0,
         sharpness: float = 1.0,
+        write: str = "add",
     ):
         if encoder not in ("pixels", "features"):
             raise ConfigError(
                 f"algo.encoder={encoder!r}: use pixels (flattened images, the paper's) or "
                 "features (the backbone's embedding, trained end to end)"
+            )
+        if write not in ("add", "key"):
+            raise ConfigError(
+                f"algo.write={write!r}: use add (a separate write vector a_t, as the working "
+                "reimplementations) or key (the read key k_t itself, the paper's text)"
             )
         if not sharpness > 0:
             raise ConfigError(f"algo.sharpness={sharpness}: use a positive factor (1: the paper's)")
@@ -162,6 +172,10 @@ class MANN(EpisodicModule):
         self.controller = nn.LSTMCell(width + self.ways + read_heads * memory_size, controller_size)
         self.key = nn.Linear(controller_size, read_heads * memory_size)
         self.alpha = nn.Linear(controller_size, read_heads)
+        self.write = write
+        # a separate write vector: what is written (the image's features bound to the label seen
+        # one step later) need not be what the same step looks up with
+        self.add = nn.Linear(controller_size, read_heads * memory_size) if write == "add" else None
         self.out = nn.Linear(controller_size + read_heads * memory_size, self.ways)
         self._orders: torch.Generator | None = None
 
@@ -194,9 +208,10 @@ class MANN(EpisodicModule):
         """One time step: inputs x [B, width], y_{t-1} [B, ways] -> (logits [B, ways], state)."""
         h, c = self.controller(torch.cat([x, prev_label, state.reads], -1), (state.h, state.c))
         batch = len(x)
-        keys = self.key(h).view(batch, self.heads, self.size)
+        keys = torch.tanh(self.key(h)).view(batch, self.heads, self.size)
+        adds = keys if self.add is None else torch.tanh(self.add(h)).view(keys.shape)
         memory, write_weights = lrua_write(
-            state.memory, state.read_weights, state.usage, keys, self.alpha(h)
+            state.memory, state.read_weights, state.usage, adds, self.alpha(h)
         )
         read_weights, reads = content_read(memory, keys, self.sharpness)
         usage = self.gamma * state.usage + read_weights.sum(1) + write_weights.sum(1)
@@ -268,6 +283,29 @@ class MANN(EpisodicModule):
             expanded = MemoryState(*(s.repeat_interleave(queries, 0) for s in state))
             logits, _ = self.step(x, prev, expanded)
         return logits.view(batch, queries, -1)[..., : ways_of(episodes.support_y)]
+
+    # ---- validation: the sequence accuracy after the first presentation --------------------
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._val_orders = torch.Generator().manual_seed(0)  # the same sequences every time
+
+    def validation_step(self, episodes, batch_idx):
+        """``val/acc``: per episode, the accuracy at the 2nd and later presentations of the
+        classes in its shuffled support + query sequence (the paper's evaluation, and what MANN
+        is trained on). The 1-shot queries after the support sequence (``test/acc``) stay at
+        chance until the memory binding is learned, so a checkpoint chosen by them early is
+        chosen by noise; the later presentations rise first with the label statistics, then
+        with the binding, and average many more predictions per episode."""
+        self.check_ways(episodes.support_y)
+        with torch.no_grad():
+            images, labels = self.sequences(episodes, self._val_orders)
+            logits, _ = self.run_sequence(images, labels)
+        later = instance_numbers(labels) > 1
+        hits = ((logits.argmax(-1) == labels) & later).sum(1)
+        accs = hits.float() / later.sum(1).clamp(min=1).float()
+        episodes = Episodes(*episodes)
+        shape = torch.tensor([episodes.ways(), episodes.shots()], dtype=accs.dtype).T
+        self._eval_accs.append(torch.cat([accs[:, None], shape.to(accs.device)], 1))
 
     # ---- the paper's per-instance accuracies, at test --------------------------------------
     def on_test_epoch_start(self) -> None:
