@@ -140,7 +140,6 @@ class CompiledMetaStep:
         """The compiled meta-step on ``episodes``; None where it runs eagerly instead."""
         names = [n for n, _ in model.named_parameters()]
         params = [p for _, p in model.named_parameters()]
-        sx = episodes[0]
         dtype, device = params[0].dtype, params[0].device
         rate_keys, rates = [], []
         for t in range(loop.steps):

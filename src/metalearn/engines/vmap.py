@@ -149,7 +149,9 @@ class VmapEngine:
         self._malloc_done = False
         self._auto: dict = {}
         mode = compile_mode(compile)
-        self.compiled = CompiledMetaStep(mode, max_graphs, backend=compile_backend) if mode else None
+        self.compiled = (
+            CompiledMetaStep(mode, max_graphs, backend=compile_backend) if mode else None
+        )
 
     def check(self, model: nn.Module, loop: InnerLoop) -> None:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model`` (see module doc)."""
