@@ -91,6 +91,8 @@ SETTINGS = {
     ),
 }
 ENGINES = ("loop", "higher", "func", "func:recompute", "vmap")
+# also: vmap:compile (the meta-step as one torch.compile graph, inductor), vmap:cudagraph
+# (the same, mode="reduce-overhead": a CUDA graph on a GPU), vmap:all, vmap:K (chunks of K)
 CPU_META_BATCH = 8  # CPU default: per-task costs are what the ratios compare; 0 = full size
 INNER_LR = 0.4
 OUTER_LR = 1e-3
@@ -143,10 +145,14 @@ def engine_meta_step(
 
 def make_engine(name: str, malloc: bool):
     """``higher``, ``func``, ``func:recompute`` (inner steps recomputed in the backward),
-    ``vmap`` (its default, chunk_size=auto), ``vmap:all`` (no chunks) or ``vmap:K`` (chunks
-    of K tasks)."""
+    ``vmap`` (its default, chunk_size=auto), ``vmap:all`` (no chunks), ``vmap:K`` (chunks
+    of K tasks), ``vmap:compile`` (engine.compile=default) or ``vmap:cudagraph``
+    (engine.compile=reduce-overhead)."""
     if name == "func:recompute":
         return FuncEngine(recompute=True)
+    modes = {"vmap:compile": "default", "vmap:cudagraph": "reduce-overhead"}
+    if name in modes:
+        return VmapEngine(tune_malloc=malloc, compile=modes[name])
     if name.startswith("vmap"):
         arg = name.split(":")[1] if ":" in name else "auto"
         chunk = {"auto": "auto", "all": None}.get(arg) or int(arg)
@@ -508,6 +514,28 @@ def memory_table(setting, args) -> list[dict]:
     return rows
 
 
+# ---- 5. FLOPs per meta-step: the arithmetic lower bound ---------------------------------
+def step_flops(setting, batches, args) -> dict:
+    """FLOPs of one meta-step per order (torch.utils.flop_counter over engine=func, eager: the
+    same arithmetic every engine does) and, given ``--peak-tflops``, the time the device
+    would take at its peak rate: a lower bound for ms/step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    for order in args.orders:
+        runner = Runner("func", setting, args.device, False, setting["steps"], order == "first")
+        with FlopCounterMode(display=False) as counter:
+            runner(batches[0])
+        flops = counter.get_total_flops()
+        bound = 1e3 * flops / (args.peak_tflops * 1e12) if args.peak_tflops else None
+        out[order] = {"flops": flops, "lower_bound_ms": bound}
+        say(
+            f"  {setting['name']} {order}-order: {flops / 1e9:.1f} GFLOP per meta-step"
+            + (f", >= {bound:.2f} ms at {args.peak_tflops} TFLOP/s" if bound else "")
+        )
+    return out
+
+
 # ---- output ------------------------------------------------------------------------------
 def machine(device: str) -> dict:
     info = {
@@ -582,6 +610,14 @@ def report(res: dict) -> str:
                     + "  ".join(f"{r['inner_steps']:>2}: {r['peak_mb']:7.0f}" for r in pts)
                     + f"  growth {growth:.2f}x"
                 )
+        for order, f in s.get("flops", {}).items():
+            bound = f["lower_bound_ms"]
+            line = f"FLOPs {order}-order: {f['flops'] / 1e9:.1f} GFLOP per meta-step"
+            if bound:
+                line += f"; lower bound {bound:.2f} ms at peak"
+                for engine, row in s.get("time", {}).get(order, {}).items():
+                    line += f"; {engine} {row['median_ms'] / bound:.0f}x it"
+            lines.append(line)
         lines += [f"ERROR {e}" for e in s.get("errors", [])]
         lines.append("")
     return "\n".join(lines)
@@ -622,6 +658,13 @@ def parse(argv=None):
     p.add_argument("--synthetic", action="store_true", help="random episodes (no data files)")
     p.add_argument("--no-malloc-tune", action="store_true", help="CPU: leave glibc malloc be")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--flops", action="store_true", help="count FLOPs per meta-step")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak (TFLOP/s, of the precision used) for the FLOPs' lower bound in ms",
+    )
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
@@ -688,6 +731,8 @@ def run_all(args) -> dict:
         make = random_batches if args.synthetic else real_batches
         batches = make(setting, args.device, args.pool)
         out["time"] = time_engines(setting, batches, args) if args.engines else {}
+        if args.flops:
+            out["flops"] = step_flops(setting, batches, args)
         if not args.synthetic:
             out["overhead"] = []
             for e in args.overhead_engines:

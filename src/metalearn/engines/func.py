@@ -21,7 +21,16 @@ from metalearn.errors import ConfigError
 
 
 def adapt_task(
-    forward, params: dict, loop: InnerLoop, sx, sy, qx, qy, grad, recompute: bool = False
+    forward,
+    params: dict,
+    loop: InnerLoop,
+    sx,
+    sy,
+    qx,
+    qy,
+    grad,
+    recompute: bool = False,
+    weight_values=None,
 ) -> tuple:
     """Adapt ``params`` on (sx, sy); return (weighted query loss, final query metric, final
     query outputs, detached). Loss and metric are ``loop.task``'s.
@@ -30,11 +39,14 @@ def adapt_task(
     ``torch.autograd.grad`` in the loop engine and ``torch.func.grad`` under vmap.
     ``recompute``: second-order steps and query passes keep only their inputs and are
     recomputed in the outer backward (engines/recompute.py; loop engine only).
+    ``weight_values``: the step weights' values (tensors) where they are inputs of a compiled
+    graph (engines/compiled.py); which steps are scored still follows ``loop.weights()``.
     """
     second_order = recompute and not loop.first_order
     query = partial(checkpoint, forward, use_reentrant=False) if second_order else forward
     fast = dict(params)
     weights = loop.weights()
+    values = weights if weight_values is None else weight_values
     loss = loop.task.loss
     objective, logits = 0.0, None
     for t in range(loop.steps):
@@ -45,7 +57,7 @@ def adapt_task(
         if weights[t] or t == loop.steps - 1:
             logits = query(fast, qx, t)
             if weights[t]:
-                objective = objective + weights[t] * loss(logits, qy)
+                objective = objective + values[t] * loss(logits, qy)
     if logits is None:  # no inner steps: score the initial parameters
         logits = forward(fast, qx, 0)
         objective = loss(logits, qy)

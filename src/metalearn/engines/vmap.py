@@ -42,6 +42,7 @@ from torch import nn
 
 from metalearn.data.episodes import Episodes, stacked_groups
 from metalearn.engines.base import Adapted, InnerLoop, collect, step_forward
+from metalearn.engines.compiled import CompiledMetaStep, compile_mode
 from metalearn.engines.func import adapt_task, check_sgd
 from metalearn.errors import ConfigError
 
@@ -113,6 +114,14 @@ class VmapEngine:
             the model), "different" (independent dropout masks per task) or "same".
         tune_malloc: on CPU, call ``tune_malloc()`` once at the first call (see module doc).
         cpu_chunk_mb: the per-chunk activation budget of ``chunk_size="auto"`` on CPU.
+        compile: ``False`` (eager) or a ``torch.compile`` mode ("default", "reduce-overhead":
+            CUDA graphs on a GPU, ...): the whole training meta-step as one compiled graph
+            (engines/compiled.py); same meta-gradients.
+        max_graphs: compiled graphs kept (one per episode shape and loop structure); beyond
+            them, meta-steps run eagerly (logged).
+        compile_backend: torch.compile's backend: "inductor" (generated C++/Triton kernels);
+            "aot_eager" traces the same graphs without generating code (quick to compile:
+            tests, debugging).
     """
 
     name = "vmap"
@@ -123,6 +132,9 @@ class VmapEngine:
         randomness: str = "error",
         tune_malloc: bool = True,
         cpu_chunk_mb: float = 128.0,
+        compile: bool | str = False,
+        max_graphs: int = 8,
+        compile_backend: str = "inductor",
     ):
         if randomness not in RANDOMNESS:
             raise ConfigError(f"engine.randomness={randomness!r}; choose one of {RANDOMNESS}")
@@ -136,6 +148,10 @@ class VmapEngine:
         self.cpu_chunk_mb = cpu_chunk_mb
         self._malloc_done = False
         self._auto: dict = {}
+        mode = compile_mode(compile)
+        self.compiled = (
+            CompiledMetaStep(mode, max_graphs, backend=compile_backend) if mode else None
+        )
 
     def check(self, model: nn.Module, loop: InnerLoop) -> None:
         """Raise ConfigError if this engine cannot run ``loop`` on ``model`` (see module doc)."""
@@ -149,6 +165,11 @@ class VmapEngine:
             self._malloc_done = True
             tune_malloc()
         episodes = Episodes(*episodes)
+        if self.compiled and self.compiled.applies(loop, episodes, heads):
+            chunk = self.chunk(model, episodes)
+            out = self.compiled(model, loop, episodes, self.randomness, chunk)
+            if out is not None:  # None: this one does not compile (logged); run it eagerly
+                return out
         if not episodes.ragged and heads is None:
             return vmapped(model, loop, episodes, self.randomness, self.chunk(model, episodes))
         losses, accs, logits = ([None] * episodes.batch_size for _ in range(3))
