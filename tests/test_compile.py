@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import pytest
 import torch
@@ -26,6 +27,10 @@ from tests.helpers import random_episodes, tiny_net
 from tests.test_engines import LR, TIGHT, meta_grads, setup
 
 EPISODES = dict(batch=2, ways=3, shots=1, queries=2)
+INDUCTOR = pytest.mark.skipif(
+    not os.environ.get("METALEARN_TEST_INDUCTOR"),
+    reason="METALEARN_TEST_INDUCTOR=1 compiles through inductor's C++ (minutes on 2 cores)",
+)
 
 
 def compiled_engine(**kw) -> VmapEngine:
@@ -55,7 +60,9 @@ def grads_of(engine, algo: str, episodes) -> dict:
         ("maml", "aot_eager"),
         ("fomaml", "aot_eager"),
         ("metasgd", "aot_eager"),
-        ("metasgd", "inductor"),
+        # inductor generates and compiles C++ for minutes on 2 cores (once, standalone: 48 min
+        # wall under load, gradients equal func's to 1e-14): opt-in, not in the default run
+        pytest.param("metasgd", "inductor", marks=INDUCTOR),
     ],
 )
 def test_compiled_meta_gradients_equal_the_loop(algo, backend):

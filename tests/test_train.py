@@ -139,6 +139,8 @@ def interrupt_after(step: int):
         # its inner Adam state carries over from step to step (it is in the checkpoint), and
         # its outer rate anneals linearly
         ("reptile", 4, False),
+        # each training sequence's order is drawn by (seed, rank, step), not global RNG state
+        ("mann", 4, True),
     ],
 )
 def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):

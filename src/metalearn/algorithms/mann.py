@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,6 +134,7 @@ class MANN(EpisodicModule):
         grad_clip: float | None = 10.0,
         sharpness: float = 1.0,
         write: str = "add",
+        seed: int = 0,
     ):
         if encoder not in ("pixels", "features"):
             raise ConfigError(
@@ -173,6 +175,7 @@ class MANN(EpisodicModule):
         self.key = nn.Linear(controller_size, read_heads * memory_size)
         self.alpha = nn.Linear(controller_size, read_heads)
         self.write = write
+        self.seed = seed
         # a separate write vector: what is written (the image's features bound to the label seen
         # one step later) need not be what the same step looks up with
         self.add = nn.Linear(controller_size, read_heads * memory_size) if write == "add" else None
@@ -258,7 +261,11 @@ class MANN(EpisodicModule):
             )
 
     def training_step(self, episodes, batch_idx):
-        images, labels = self.sequences(episodes)
+        # each sequence's order: a function of (seed, rank, step), not of global RNG state, so
+        # a resumed run sees the orders an uninterrupted one does
+        key = np.random.SeedSequence([self.seed, self.global_rank, self.global_step])
+        generator = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+        images, labels = self.sequences(episodes, generator)
         logits, _ = self.run_sequence(images, labels)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
         self.outer_step(loss)
