@@ -304,6 +304,12 @@ def regression_run(root: Path, name: str, algo: str, shots: int, mse: float, ci:
     )  # fmt: skip
 
 
+def test_a_classification_only_table_does_not_explain_mse_columns(tmp_path):
+    write_run(tmp_path, "0", **{"test/acc": 0.90, "test/acc_ci95": 0.02})
+    report(tmp_path, echo=False, plot=False)
+    assert "MSE" not in (tmp_path / "results.md").read_text()
+
+
 def test_regression_runs_get_mse_columns_beside_accuracy_columns(tmp_path):
     root = tmp_path / "sweep"
     write_run(root, "0", **{"test/acc": 0.90, "test/acc_ci95": 0.02})
@@ -321,6 +327,7 @@ def test_regression_runs_get_mse_columns_beside_accuracy_columns(tmp_path):
     assert cells[("sinusoid", "maml", (1, 10))].text().startswith("0.450 ± ")  # two seeds
     assert cells[("omniglot", "maml", (5, 1))].text() == "90.0 ± 2.0"
     assert "| sinusoid / all / maml | 0.682 ± 0.067 | 0.450 ± " in text
+    assert "K-shot MSE: regression runs' mean-squared error" in text  # the caption says so
     csv_text = (root / "results.csv").read_text()
     assert "sinusoid,all,maml,,1,5,1,0,0.681700,0.067300,0.682 ± 0.067" in csv_text
     # validation curves of MSE (lower is better), beside the accuracy panel

@@ -326,12 +326,14 @@ def t_interval(values: list[float]) -> float | None:
     return t * std / math.sqrt(n)
 
 
-def legend(metric: str) -> str:
-    """What a cell says: the caption of the table (markdown and printed)."""
+def legend(metric: str, regression: bool = False) -> str:
+    """What a cell says: the caption of the table (markdown and printed); the MSE sentence
+    only where the table has regression columns."""
     name = "meta-test accuracy" if metric == "test/acc" else metric
+    mse = "columns K-shot MSE: regression runs' mean-squared error (lower is better). "
     return (
         f"{name} (%) ± 95 % confidence interval; rows: dataset / samples per class / algorithm; "
-        "columns K-shot MSE: regression runs' mean-squared error (lower is better). "
+        f"{mse if regression else ''}"
         "A cell without (n=…) is one run ± its CI over the test episodes; "
         "a cell with (n=K seeds) is the mean of K runs ± the Student t CI of that mean across "
         "runs (t_0.975,K-1 · std / √K); k failed: runs of the cell that failed, left out."
@@ -515,11 +517,15 @@ def write_shape_csv(path: Path, runs: list[Run]) -> bool:
     return True
 
 
+def has_regression(cols, cells) -> bool:
+    return any("MSE" in col_label(c, cells) for c in cols)
+
+
 def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) -> str:
     lines = [
         f"# Results: {root}",
         "",
-        legend(metric),
+        legend(metric, has_regression(cols, cells)),
         "",
         "| dataset / samples / algorithm | " + " | ".join(col_label(c, cells) for c in cols) + " |",
         "|---|" + "---:|" * len(cols),
@@ -792,7 +798,9 @@ def print_report(rows, cols, cells, failures, metric, root, files, runs=()) -> N
 
     console = Console()
     t = Table(
-        title=f"{metric} (%) ± 95 % CI — {root}", caption=legend(metric), caption_justify="left"
+        title=f"{metric} (%) ± 95 % CI — {root}",
+        caption=legend(metric, has_regression(cols, cells)),
+        caption_justify="left",
     )
     t.add_column("dataset / samples / algorithm")
     for c in cols:
