@@ -339,3 +339,18 @@ def test_mann_binds_images_to_labels_in_memory_on_omniglot_in_a_short_run(data_r
     assert later > after[1] + 0.12, after
     assert later > blank_later + 0.08, (after, blank)
     assert after[2] > blank[2] + 0.08, (after, blank)
+
+
+@pytest.mark.slow
+def test_mann_trains_under_ddp_on_two_processes(tmp_path, data_root):
+    """DDP splits MANN's meta-batch: each rank runs its own sequences (ordered by seed, rank and
+    step) and DDP's reducer averages the gradients through manual_backward. A run, not a parity
+    test: the union-of-shards reference of tests/test_distributed.py would need each rank's
+    sequence orders."""
+    from tests.test_distributed import ddp_command, run_ok
+
+    run_ok(ddp_command("algo=mann", f"hydra.run.dir={tmp_path}"), data_root)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["steps"] == 4, metrics.get("error")
+    assert 0 <= metrics["test/acc"] <= 1 and metrics["test_episodes"] == 5
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
