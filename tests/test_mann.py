@@ -354,3 +354,11 @@ def test_mann_trains_under_ddp_on_two_processes(tmp_path, data_root):
     assert metrics["status"] == "ok" and metrics["steps"] == 4, metrics.get("error")
     assert 0 <= metrics["test/acc"] <= 1 and metrics["test_episodes"] == 5
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("mode", ["range", "metadataset"])
+def test_varying_episodes_are_refused_before_training_naming_the_fix(tmp_path, mode):
+    cfg = compose_cfg(tmp_path, ["algo=mann", f"data.episodes={mode}"])
+    with pytest.raises(ConfigError, match="use data.episodes=fixed"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists()

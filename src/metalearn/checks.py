@@ -77,7 +77,16 @@ def check_episode_heads(cfg: DictConfig) -> None:
     (one fixed-width head) cannot serve them."""
     mode = cfg.data.get("episodes", "fixed")
     init = cfg.algo.get("head_init")
-    if mode == "fixed" or init is None:
+    if mode == "fixed":
+        return
+    from hydra.utils import get_object
+
+    if not getattr(get_object(cfg.algo._target_), "varying_episodes", True):
+        raise ConfigError(
+            f"data.episodes={mode} varies the number of classes and images per episode, but "
+            f"algo={cfg.algo.name} reads fixed-shape episodes only: use data.episodes=fixed"
+        )
+    if init is None:
         return
     if init == "trained":
         raise ConfigError(

@@ -116,6 +116,9 @@ def per_instance_accuracy(correct, labels, instances=TABLE_INSTANCES) -> dict[in
 class MANN(EpisodicModule):
     """Args are the ``algo`` config keys (see conf/algo/mann.yaml); ``engine`` is unused."""
 
+    # its label input and output have ``ways`` units and a sequence stacks equal episodes
+    varying_episodes = False
+
     def __init__(
         self,
         model,
