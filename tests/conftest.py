@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ def data_root() -> Path:
             "holding omniglot/ and quickdraw/ (see README)"
         )
     return root
+
+
+@pytest.fixture(autouse=True)
+def _default_signal_handling():
+    """Each test starts with Python's default SIGINT/SIGTERM handling. Lightning leaves SIGINT
+    ignored in a process where a fit ended by KeyboardInterrupt (a test of the second Ctrl-C
+    does that), a shell starts background jobs with SIGINT ignored, and the runs a test starts
+    inherit an ignored signal; under xdist a worker runs many tests, in any order."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
 
 
 @pytest.fixture(autouse=True)
