@@ -38,4 +38,10 @@ eval timeout 200 python bench/meta_step.py $COMMON --engines "''" \
     --memory-engines vmap:compile --memory-steps 1,5,10,20 \
     > "$OUT/memory_compile.json" 2> "$OUT/memory_compile.log"
 echo "memory compile: exit $?" >> "$OUT/status.txt"
+# 3. episodes/s the data modules produce against a real fit's consumption, on the GPU
+if [ -z "$DATA" ]; then
+    timeout 120 python bench/data_rate.py --device cuda --datasets omniglot,miniimagenet \
+        --batches 30 --steps 5 --json "$OUT/data_rate.json" > "$OUT/data_rate.log" 2>&1
+    echo "data rate: exit $?" >> "$OUT/status.txt"
+fi
 tail -n 30 "$OUT"/*.log
