@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from metalearn.data.datamodule import EpisodeDataModule, TrainMetaBatches
 from metalearn.data.episodes import Episodes
-from metalearn.data.sinusoid import SinusoidDataModule, SinusoidMetaBatches
+from metalearn.data.sinusoid import SinusoidDataModule
 from metalearn.errors import ConfigError
 from tests.helpers import REPO, patched_train
 
@@ -75,30 +75,25 @@ class _ConcatTasks(Dataset):
         return Episodes(*(torch.cat(xs) for xs in zip(*items, strict=True)))
 
 
-class UnionOfShards(EpisodeDataModule):
-    """One process that trains on the union of the tasks `shards` DDP ranks would draw."""
+class _UnionOfShards:
+    """One process that trains on the union of the tasks `shards` DDP ranks would draw: each
+    rank's own ``train_dataset()`` (the data module's, as that rank builds it), concatenated."""
 
     def __init__(self, shards: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.shards = shards
 
     def train_dataset(self) -> Dataset:
-        per_rank = self.meta_batch_size // self.shards
-        return _ConcatTasks(
-            [
-                TrainMetaBatches(
-                    self.splits.train,
-                    self.batches_per_epoch,
-                    per_rank,
-                    self.ways,
-                    self.shots,
-                    self.queries,
-                    self.seed,
-                    rank,
-                )
-                for rank in range(self.shards)
-            ]
-        )
+        parts = []
+        for rank in range(self.shards):
+            self.rank, self.world_size = rank, self.shards  # what shard() reports on that rank
+            parts.append(super().train_dataset())
+        self.rank, self.world_size = 0, 1
+        return _ConcatTasks(parts)
+
+
+class UnionOfShards(_UnionOfShards, EpisodeDataModule):
+    """The union of the ranks' image episodes."""
 
 
 def compose(output_dir: Path, overrides: list[str]):
@@ -360,29 +355,8 @@ SINUSOID = [
 ]
 
 
-class UnionOfSinusoidShards(SinusoidDataModule):
-    """One process that trains on the union of the tasks `shards` DDP ranks would draw."""
-
-    def __init__(self, shards: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.shards = shards
-
-    def train_dataset(self) -> Dataset:
-        per_rank = self.meta_batch_size // self.shards
-        return _ConcatTasks(
-            [
-                SinusoidMetaBatches(
-                    self.family,
-                    self.batches_per_epoch,
-                    per_rank,
-                    self.shots,
-                    self.queries,
-                    self.seed,
-                    rank,
-                )
-                for rank in range(self.shards)
-            ]
-        )
+class UnionOfSinusoidShards(_UnionOfShards, SinusoidDataModule):
+    """The union of the ranks' sinusoid tasks."""
 
 
 def test_sinusoid_regression_two_processes_equal_one_with_the_union_of_tasks(tmp_path, data_root):
