@@ -4,7 +4,8 @@ The first Ctrl-C (SIGINT) sets ``trainer.should_stop``: the current outer step c
 Lightning validates the weights reached and the checkpoint callbacks write them, and the run
 ends with ``status: interrupted`` in metrics.json (no test) and the ``ckpt_path=`` to resume
 from; resuming is exact, as training batches are keyed by the outer step. A second Ctrl-C
-aborts at once (Lightning's own handling; the checkpoints already written stay).
+aborts at once (Lightning's own handling; the checkpoints already written stay; `train.run`
+puts the SIGINT handler back afterwards, which Lightning leaves ignoring Ctrl-C).
 
 SIGTERM (``kill``, a cluster's preemption or time limit, ``docker stop``): Lightning stops at
 the next step boundary with ``SIGTERMException``; before it unwinds, ``last.ckpt`` is written
@@ -23,6 +24,7 @@ ignore SIGINT leave it to their parent).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -107,6 +109,19 @@ class StopOnInterrupt(SignalDuringFit):
         if isinstance(exception, SIGTERMException) and trainer.world_size == 1 and fitting:
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self.terminated = True
+
+
+@contextlib.contextmanager
+def sigint_kept():
+    """Put SIGINT's handler back when the block ends. After a Ctrl-C that reaches Lightning as a
+    KeyboardInterrupt (the second one, or one while testing) it ignores SIGINT for good, which
+    would leave a notebook or a later run in the same process deaf to Ctrl-C."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def ignore_sigint(worker_id: int) -> None:

@@ -27,7 +27,7 @@ from metalearn.instantiate import (
     instantiate_datamodule,
     instantiate_trainer,
 )
-from metalearn.interrupt import StopOnInterrupt
+from metalearn.interrupt import StopOnInterrupt, sigint_kept
 from metalearn.loggers import build_loggers
 from metalearn.outcome import RunRecord, run_info
 from metalearn.resume import checked_resume_path, run_settings
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; write ``metrics.json`` into ``cfg.output_dir``."""
-    with RunRecord(cfg) as record:
+    with sigint_kept(), RunRecord(cfg) as record:
         checks.validate_config(cfg)
         record.started(**run_info(cfg))
         if cfg.get("print_config", True):
