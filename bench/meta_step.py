@@ -150,9 +150,8 @@ def make_engine(name: str, malloc: bool):
     (engine.compile=reduce-overhead)."""
     if name == "func:recompute":
         return FuncEngine(recompute=True)
-    modes = {"vmap:compile": "default", "vmap:cudagraph": "reduce-overhead"}
-    if name in modes:
-        return VmapEngine(tune_malloc=malloc, compile=modes[name])
+    if name in COMPILE_MODES:
+        return VmapEngine(tune_malloc=malloc, compile=COMPILE_MODES[name])
     if name.startswith("vmap"):
         arg = name.split(":")[1] if ":" in name else "auto"
         chunk = {"auto": "auto", "all": None}.get(arg) or int(arg)
@@ -308,6 +307,23 @@ def phases(marks: list[float]) -> dict:
     return {k: 1e3 * (b - a) for k, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True)}
 
 
+COMPILE_MODES = {"vmap:compile": "default", "vmap:cudagraph": "reduce-overhead"}
+
+
+def engine_overrides(engine: str) -> list[str]:
+    """The config overrides that select a bench engine name (``vmap:compile`` and
+    ``vmap:cudagraph`` are ``engine=vmap`` with ``engine.compile``)."""
+    if engine in COMPILE_MODES:
+        return ["engine=vmap", f"engine.compile={COMPILE_MODES[engine]}"]
+    return [f"engine={engine}"]
+
+
+def overhead_target(engine: str) -> float:
+    # the issue's targets: the compiled step within 1.05x (its host work must shrink with
+    # the device work), the eager engines within 1.10x
+    return 1.05 if engine in COMPILE_MODES else 1.10
+
+
 def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
     import lightning as L
 
@@ -319,7 +335,7 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
             setting,
             args.device,
             [
-                f"engine={engine}",
+                *engine_overrides(engine),
                 f"algo.first_order={first_order}",
                 f"trainer.max_steps={steps}",
                 "trainer.enable_progress_bar=true",
@@ -333,7 +349,7 @@ def lightning_overhead(setting, args, engine: str, first_order: bool) -> dict:
         dm = build(cfg.data)
         dm.setup()
         algo = build(cfg.algo, model=build(cfg.model), engine=build(cfg.engine))
-        if engine == "vmap" and args.no_malloc_tune:
+        if engine.startswith("vmap") and args.no_malloc_tune:
             algo.engine.tune_malloc = False
         if args.no_acc_pre:  # attribute the overhead: skip GBML's train/acc_pre forwards
             algo.query_acc_before = lambda episodes: torch.zeros(())
@@ -569,7 +585,8 @@ def overhead_line(o: dict) -> str:
     return (
         f"overhead ({o['order']}-order, engine={o['engine']}): Lightning step "
         f"{o['lightning_median_ms']:.1f} ms / {bare} {o['bare_median_ms']:.1f} ms = "
-        f"{o['overhead']:.3f} (target <= 1.10); means: {o['overhead_mean']:.3f}\n"
+        f"{o['overhead']:.3f} (target <= {overhead_target(o['engine']):.2f}); "
+        f"means: {o['overhead_mean']:.3f}\n"
         f"    phases, median ms Lightning/bare: {split}"
     )
 

@@ -66,3 +66,22 @@ def test_data_rate_benchmark_compares_production_with_a_real_fit(data_root, tmp_
     for rate in rates.values():
         assert rate["produced"] > 0 and rate["consumed"] > 0
         assert rate["ratio"] == rate["produced"] / rate["consumed"]
+
+
+def test_bench_engine_names_select_the_engine_the_configs_build():
+    """The overhead runs engines through the real config: ``vmap:compile`` must build the
+    compiled vmap engine there, as ``make_engine`` does for the bare step."""
+    import importlib.util
+
+    from metalearn.instantiate import build
+
+    spec = importlib.util.spec_from_file_location("meta_step", REPO / "bench" / "meta_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, compiled in (("vmap", False), ("vmap:compile", True), ("higher", None)):
+        cfg = bench.compose(bench.SETTINGS["ff15"], "cpu", bench.engine_overrides(name))
+        engine = build(cfg.engine)
+        assert type(engine) is type(bench.make_engine(name, malloc=False))
+        if compiled is not None:
+            assert (engine.compiled is not None) == compiled, name
+    assert bench.overhead_target("vmap:compile") == 1.05
