@@ -7,7 +7,7 @@ One implementation; each variant is a set of switches (see ``conf/algo/*.yaml``)
   parameter element (Li et al. 2017); "lslr": learned per-layer, per-step rates (MAML++);
   "hypergradient": a scalar rate alpha learned online by hypergradient descent, plus the
   outer rate beta (Alpha-MAML, Behl et al. 2019). ``lslr: true`` is MAML++'s switch for
-  ``inner_rates=lslr``.
+  ``inner_rates=lslr``. Each kind is a class in algorithms/inner_rates.py.
 * ``adapt``         "all" parameters, or "head" only (ANIL, Raghu et al. 2020).
   ``adapt_norm: false`` keeps the BatchNorm scale/shift out of the inner loop (learned in the
   outer loop only), as MAML++'s reference configs do.
@@ -37,12 +37,12 @@ from torch import nn
 
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule, run_length
+from metalearn.algorithms.inner_rates import make_inner_rates
 from metalearn.data.episodes import Episodes
 from metalearn.engines.base import InnerLoop, collect
 from metalearn.errors import ConfigError
 from metalearn.models.norm import StepNorm
 
-INNER_RATES = ("fixed", "metasgd", "lslr", "hypergradient")
 ADAPT = ("all", "head")
 
 log = logging.getLogger(__name__)
@@ -88,12 +88,6 @@ class HeadOnly(nn.Module):
         return self.head(x)
 
 
-def plain_sgd(opt: torch.optim.Optimizer) -> bool:
-    return type(opt) is torch.optim.SGD and all(
-        not g["momentum"] and not g["weight_decay"] for g in opt.param_groups
-    )
-
-
 class GBML(EpisodicModule):
     """MAML and its family. Args are the ``algo`` config keys (see conf/algo/maml.yaml)."""
 
@@ -129,40 +123,25 @@ class GBML(EpisodicModule):
         head_init: str = "auto",
     ):
         heads.check_head_init(head_init)
-        if lslr and inner_rates not in ("fixed", "lslr"):
-            raise ConfigError(f"algo.lslr=true conflicts with algo.inner_rates={inner_rates}")
-        inner_rates = "lslr" if lslr else inner_rates
-        if inner_rates not in INNER_RATES:
-            raise ConfigError(f"algo.inner_rates={inner_rates!r}; choose one of {INNER_RATES}")
+        rate_kind = make_inner_rates(inner_rates, inner_lr, inner_steps, lslr, alpha_lr, beta_lr)
         if adapt not in ADAPT:
             raise ConfigError(f"algo.adapt={adapt!r}; choose one of {ADAPT}")
         if inner_steps < 1 or inner_steps_test < 1:
             raise ConfigError("algo.inner_steps and algo.inner_steps_test must be >= 1")
-        if (first_order or da) and inner_rates != "fixed" and inner_optimizer != "sgd":
-            raise ConfigError(
-                f"algo.inner_rates={inner_rates} learns inner rates, which get first-order "
-                f"meta-gradients (algo.first_order / algo.da) with algo.inner_optimizer=sgd only, "
-                f"not {inner_optimizer}: set algo.inner_optimizer=sgd or algo.inner_rates=fixed"
-            )
+        rate_kind.check(first_order, da, inner_optimizer, cosine)
         for key, value in (("msl_fraction", msl_fraction), ("da_fraction", da_fraction)):
             if not 0 <= value <= 1:
                 raise ConfigError(
                     f"algo.{key}={value} is a fraction of the run (trainer.max_steps): use "
                     f"0..1 (the paper: msl_fraction={10 / 150:.4f}, da_fraction={50 / 150:.4f})"
                 )
-        if inner_rates == "hypergradient" and cosine:
-            raise ConfigError(
-                "algo.inner_rates=hypergradient sets the outer rate beta itself; "
-                "set algo.cosine=false"
-            )
         self.inner_steps, self.bn_per_step = inner_steps, bn_per_step
         super().__init__(model, optimizer, name, meta_batch_size, cosine, min_lr)
         self.engine = engine
         self.inner_lr, self.inner_steps_test = inner_lr, inner_steps_test
-        self.first_order, self.inner_rates, self.adapt_scope = first_order, inner_rates, adapt
+        self.first_order, self.rate_kind, self.adapt_scope = first_order, rate_kind, adapt
         self.inner_optimizer = inner_optimizer
         self.msl, self.msl_fraction, self.da, self.da_fraction = msl, msl_fraction, da, da_fraction
-        self.alpha_lr, self.beta_lr = alpha_lr, beta_lr
         self.train_head_init = head_init  # the training episodes' head (algorithms/heads.py)
         if head_init in ("prototypes", "zeros"):
             self.model.head.requires_grad_(False)  # every episode builds its own: unused
@@ -172,51 +151,28 @@ class GBML(EpisodicModule):
             for n, _ in self.model.named_parameters()
             if (adapt == "all" or n.startswith("head.")) and n not in norm
         ]
-        self.rates = nn.ParameterDict(self._init_rates())
+        shapes = dict(self.model.named_parameters())
+        self.rates = nn.ParameterDict(rate_kind.build(self.adapted, shapes))
         engine.check(self.model, self.eval_loop())  # unsupported engine/model/optimizer: now
-        if inner_rates == "hypergradient":  # outer rate beta and the last meta-gradient
-            n_params = sum(p.numel() for p in self.model.parameters())
-            dtype = next(self.model.parameters()).dtype
-            # beta < 0: not set yet, take the optimizer's lr at the first step
-            self.register_buffer("beta", torch.tensor(-1.0, dtype=dtype))
-            self.register_buffer("prev_grad", torch.zeros(n_params, dtype=dtype))
+        for key, buffer in rate_kind.buffers(self.model).items():  # Alpha-MAML: beta, prev_grad
+            self.register_buffer(key, buffer)
 
     # ---- construction ------------------------------------------------------------------
     def model_options(self) -> dict:
         return {"bn_steps": self.inner_steps} if self.bn_per_step else {}
 
-    def _init_rates(self) -> dict:
-        shapes = dict(self.model.named_parameters())
-        key = self.rate_key
-        if self.inner_rates == "metasgd":
-            return {
-                key(n): nn.Parameter(torch.full_like(shapes[n], self.inner_lr))
-                for n in self.adapted
-            }
-        if self.inner_rates == "lslr":
-            return {
-                key(n): nn.Parameter(torch.full((self.inner_steps,), self.inner_lr))
-                for n in self.adapted
-            }
-        if self.inner_rates == "hypergradient":
-            return {"alpha": nn.Parameter(torch.tensor(float(self.inner_lr)))}
-        return {}
-
-    @staticmethod
-    def rate_key(name: str) -> str:
-        return name.replace(".", "__")
+    @property
+    def inner_rates(self) -> str:
+        """The kind of inner rates, as ``algo.inner_rates`` names it (``lslr: true``: "lslr")."""
+        return self.rate_kind.name
 
     def inner_rate(self, name: str, step: int):
-        if self.inner_rates == "fixed":
-            return self.inner_lr
-        if self.inner_rates == "hypergradient":
-            return self.rates["alpha"]
-        rate = self.rates[self.rate_key(name)]
-        return rate[min(step, self.inner_steps - 1)] if self.inner_rates == "lslr" else rate
+        return self.rate_kind.rate(self.rates, name, step)
 
     def outer_parameters(self):
-        if self.inner_rates == "hypergradient":  # alpha follows its hypergradient, not Adam
-            return [p for n, p in self.named_parameters() if n != "rates.alpha"]
+        excluded = self.rate_kind.outer_excluded()
+        if excluded:
+            return [p for n, p in self.named_parameters() if n not in excluded]
         return self.parameters()
 
     # ---- the inner loop ------------------------------------------------------------------
@@ -283,8 +239,9 @@ class GBML(EpisodicModule):
         out = self.run_engine(self.model, self.train_loop(), episodes, kind)
         self.outer_step(out.objective)
         self.log_train(loss=out.loss.mean(), metric=out.metric.mean(), metric_pre=before)
-        if self.inner_rates == "hypergradient":
-            self.log_train(alpha=self.rates["alpha"].detach(), beta=self.beta)
+        rate_logs = self.rate_kind.logs(self)
+        if rate_logs:
+            self.log_train(**rate_logs)
 
     def query_logits(self, episodes) -> torch.Tensor:
         kind = self.head_kind(episodes)
@@ -328,7 +285,7 @@ class GBML(EpisodicModule):
             getattr(m, "mode", None) == "inductive" and m.training for m in model.modules()
         )
 
-    # ---- Alpha-MAML: hypergradient descent on alpha and beta -----------------------------
+    # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         if self.msl or self.da:  # resolved before training: a run without an end fails here
             log.info(
@@ -339,32 +296,8 @@ class GBML(EpisodicModule):
                 self.span(self.da_fraction) if self.da else "(off)",
             )
         opt = super().configure_optimizers()
-        if self.inner_rates == "hypergradient" and not plain_sgd(opt):
-            raise ConfigError(
-                "algo.inner_rates=hypergradient adapts beta as plain SGD's rate (Alpha-MAML): "
-                "set algo.optimizer._target_=torch.optim.SGD without momentum or weight decay"
-            )
+        self.rate_kind.check_outer_optimizer(opt)  # Alpha-MAML: plain SGD only
         return opt
 
     def before_outer_step(self) -> None:
-        if self.inner_rates != "hypergradient":
-            return
-        opt = self.optimizers().optimizer
-        if self.beta < 0:
-            self.beta.fill_(opt.param_groups[0]["lr"])
-        alpha = self.rates["alpha"]
-        with torch.no_grad():
-            if alpha.grad is not None:  # d(query loss)/d(alpha), from the same backward
-                alpha -= self.alpha_lr * alpha.grad
-                alpha.grad = None
-            grad = torch.cat(
-                [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                    for p in self.model.parameters()
-                ]
-            )
-            # d(loss_t)/d(beta) = -g_t . g_{t-1}; zero on the first step
-            self.beta += self.beta_lr * torch.dot(grad, self.prev_grad)
-            self.prev_grad.copy_(grad)
-        for group in opt.param_groups:
-            group["lr"] = float(self.beta)
+        self.rate_kind.before_outer_step(self)  # Alpha-MAML: hypergradient steps on alpha, beta
