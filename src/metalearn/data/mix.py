@@ -35,13 +35,13 @@ from metalearn.data.datamodule import (
     AUGMENT_TAG,
     EpisodeDataModule,
     FixedEpisodes,
-    StepSampler,
     TrainMetaBatches,
     built,
     each,
     normalised,
 )
 from metalearn.data.episodes import EpisodeIndices, Episodes, sample_indices, seeded_rng
+from metalearn.data.loading import StepSampler
 from metalearn.data.shapes import draw_episode
 from metalearn.data.sources import SOURCES
 from metalearn.data.transforms import Preprocessing
