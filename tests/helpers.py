@@ -35,6 +35,20 @@ def random_episodes(batch=2, ways=3, shots=2, queries=3, size=16, seed=1, channe
     return Episodes(images(ways * shots), labels(shots), images(ways * queries), labels(queries))
 
 
+def adapted_accuracy(learner, data) -> float:
+    """Mean query accuracy of ``learner.adapt(support).predict(queries)`` over the fixed
+    episodes ``data``, each image given as a user gives it (uint8 pixels): the test-time
+    procedure of a run, so it should reproduce the run's own ``test/acc``."""
+    accs = []
+    for i in range(len(data)):
+        for sx, sy, qx, qy in zip(*data[i], strict=True):
+            pixels = (sx * 255).round().to(torch.uint8)
+            adapted = learner.adapt(pixels, sy.tolist(), invert=False)
+            pred = adapted.predict((qx * 255).round().to(torch.uint8), invert=False)
+            accs.append((pred.indices == qy).float().mean())
+    return torch.stack(accs).mean().item()
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 PATCHED_TRAIN = """

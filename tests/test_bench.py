@@ -11,22 +11,27 @@ import sys
 from tests.helpers import REPO
 
 
-def test_meta_step_benchmark_smoke(data_root):
-    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
-    args = "--steps 2 --warmup 0 --settings ff15 --meta-batch 2"
-    args += " --engines loop,func,func:recompute,vmap"
-    args += " --orders first,second --overhead-engines vmap --overhead-orders first"
-    args += " --memory-engines vmap --memory-steps 1 --memory-settings ff15 --threads 1 --json"
+def run_bench(script: str, args: str, data_root) -> str:
+    """``bench/<script>`` with ``args`` (split on spaces) on ``data_root``: its stdout, once it
+    has exited 0."""
     proc = subprocess.run(
-        [sys.executable, "bench/meta_step.py", *args.split()],
+        [sys.executable, f"bench/{script}", *args.split()],
         cwd=REPO,
-        env=env,
+        env={**os.environ, "METALEARN_DATA_DIR": str(data_root)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ff15 = json.loads(proc.stdout)["settings"]["ff15"]
+    return proc.stdout
+
+
+def test_meta_step_benchmark_smoke(data_root):
+    args = "--steps 2 --warmup 0 --settings ff15 --meta-batch 2"
+    args += " --engines loop,func,func:recompute,vmap"
+    args += " --orders first,second --overhead-engines vmap --overhead-orders first"
+    args += " --memory-engines vmap --memory-steps 1 --memory-settings ff15 --threads 1 --json"
+    ff15 = json.loads(run_bench("meta_step.py", args, data_root))["settings"]["ff15"]
     for order in ("first", "second"):
         rows = ff15["time"][order]
         assert rows["loop"]["vs_loop"] == 1.0
@@ -48,19 +53,10 @@ def test_meta_step_benchmark_smoke(data_root):
 
 
 def test_data_rate_benchmark_compares_production_with_a_real_fit(data_root, tmp_path):
-    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root)}
     out = tmp_path / "rates.json"
     args = f"--datasets sinusoid,folder --batches 3 --steps 1 --warmup 0 --json {out}"
     args += " --per-class 4 --override algo.inner_steps=1 queries=2"
-    proc = subprocess.run(
-        [sys.executable, "bench/data_rate.py", *args.split()],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_bench("data_rate.py", args, data_root)
     rates = json.loads(out.read_text())
     assert set(rates) == {"sinusoid", "folder"}
     for rate in rates.values():

@@ -6,13 +6,12 @@ switches, with the graphs dynamo and AOTAutograd capture (backend aot_eager), an
 (second order, learned rates) through inductor's generated C++ too. Changing step weights
 and rates reuse one graph; what cannot compile, or exceeds ``max_graphs``, runs eagerly with
 a logged warning and the same results. In float32 the compiled meta-gradient stays within
-``FLOAT32_RTOL`` (norm-wise) of the float64 one, as eager float32's does. Compiling takes tens of seconds even on an idle core
-(minutes under load), so the compiling tests are marked slow.
+``FLOAT32_RTOL`` (norm-wise) of the float64 one, as eager float32's does. Compiling takes tens
+of seconds even on an idle core (minutes under load), so the compiling tests are marked slow.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -26,7 +25,7 @@ from metalearn.engines.func import FuncEngine
 from metalearn.engines.vmap import VmapEngine
 from metalearn.errors import ConfigError
 from tests.helpers import random_episodes, tiny_net
-from tests.test_engines import LR, TIGHT, meta_grads, setup
+from tests.test_engines import LR, TIGHT, gbml_mamlpp, meta_grads, setup
 
 EPISODES = dict(batch=2, ways=3, shots=1, queries=2)
 INDUCTOR = pytest.mark.skipif(
@@ -40,19 +39,6 @@ def compiled_engine(**kw) -> VmapEngine:
     # come from), run without generated code: compiling is minutes faster than inductor's
     kw.setdefault("compile_backend", "aot_eager")
     return VmapEngine(compile="default", **kw)
-
-
-def grads_of(engine, algo: str, episodes) -> dict:
-    net, a = setup(algo)
-    out = engine(net, a.loop, episodes)
-    out.objective.backward()
-    grads = {n: p.grad for n, p in net.named_parameters()}
-    grads |= {f"rate:{n}": r.grad for n, r in a.rates.items()}
-    zero = torch.zeros(1, dtype=torch.float64)
-    return {n: zero if g is None else g.clone() for n, g in grads.items()} | {
-        "loss": out.loss,
-        "metric": out.metric,
-    }
 
 
 @pytest.mark.slow
@@ -70,7 +56,7 @@ def grads_of(engine, algo: str, episodes) -> dict:
 def test_compiled_meta_gradients_equal_the_loop(algo, backend):
     episodes = random_episodes(**EPISODES)
     engine = compiled_engine(compile_backend=backend)
-    got = grads_of(engine, algo, episodes)
+    got = meta_grads(engine, algo, episodes)
     assert len(engine.compiled.compile_seconds) == 1, "the meta-step should have compiled"
     want = meta_grads("func", algo, episodes)
     assert got.keys() == want.keys()
@@ -104,28 +90,19 @@ def test_compiled_float32_meta_gradient_within_stated_tolerance_of_float64(backe
 
     eager, compiled = error(FuncEngine()), error(compiled_engine(compile_backend=backend))
     assert 0 < eager < FLOAT32_RTOL, "float32 itself should round at this level"
-    assert 0 < compiled < FLOAT32_RTOL, f"compiled float32 off by {compiled:.1e} (eager {eager:.1e})"
+    assert 0 < compiled < FLOAT32_RTOL, (
+        f"compiled float32 off by {compiled:.1e} (eager {eager:.1e})"
+    )
 
 
 @pytest.mark.slow
 def test_compiled_mamlpp_through_gbml_reuses_one_graph_as_weights_and_rates_change():
     """GBML's MAML++ switches (LSLR, multi-step loss, per-step BatchNorm); two meta-steps with
     other step weights and moved rates/parameters run the same graph, and match engine=func."""
-    from metalearn.algorithms.gbml import GBML
-
     episodes = random_episodes(**EPISODES)
 
     def build(engine):
-        algo = GBML(
-            functools.partial(tiny_net, seed=0),
-            engine,
-            functools.partial(torch.optim.Adam, lr=1e-3),
-            inner_lr=LR,
-            inner_steps=2,
-            inner_rates="lslr",
-            msl=True,
-            bn_per_step=True,
-        ).double()
+        algo = gbml_mamlpp(engine)
         with torch.no_grad():
             for i, rate in enumerate(algo.rates.values()):
                 rate.mul_(1 + 0.1 * i)  # unequal learned rates, so each one matters

@@ -12,126 +12,33 @@ ranks, then gathered) must equal the single-process ones over the same episodes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from metalearn.data.datamodule import EpisodeDataModule, TrainMetaBatches
-from metalearn.data.episodes import Episodes
-from metalearn.data.sinusoid import SinusoidDataModule
 from metalearn.errors import ConfigError
+from tests.ddp_helpers import (
+    EXTRA,
+    SINUSOID,
+    UnionOfSinusoidShards,
+    compose,
+    data_target,
+    ddp_command,
+    max_diff,
+    parameters,
+    reference,
+    run_env,
+    run_ok,
+    same_weights,
+)
 from tests.helpers import REPO, patched_train
 
 HAS_REPTILE = (REPO / "conf" / "algo" / "reptile.yaml").exists()
 METRIC = ["matching", "relation", "siamese"]  # no inner loop: DDP splits their episodes too
 ALGOS = ["maml", "fomaml", *METRIC] + (["reptile"] if HAS_REPTILE else [])
-# Reptile: the whole task per inner step (its minibatches are seeded by the rank-local task
-# index, which differs between the ranks and the union run) and inner SGD (inner Adam, like
-# outer Adam below, blows float32 round-off in ~zero gradients up to lr-sized steps)
-EXTRA = {
-    "reptile": [
-        "algo.inner_batch_size=null",
-        "algo.inner_optimizer=sgd",
-        "algo.inner_lr=0.1",
-        "algo.inner_steps_test=5",
-    ]
-}
-TINY = [
-    "model.channels=8",
-    "algo.meta_batch_size=4",  # global: 2 tasks per rank
-    "queries=5",
-    "data.batches_per_epoch=2",
-    "trainer.max_steps=4",  # two epochs, validation after each
-    "data.val_episodes=5",  # odd: shares of 3 and 2 episodes (2 and 1 batches)
-    "data.test_episodes=5",
-    "data.eval_batch_size=2",
-    "logger=none",
-    "print_config=false",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    # plain SGD: Adam divides by sqrt(v), which turns float32 round-off in near-zero
-    # meta-gradients (conv biases under BatchNorm) into lr-sized steps and hides the parity
-    "algo.optimizer._target_=torch.optim.SGD",
-    "algo.optimizer.lr=0.1",
-]
-
-
-class _ConcatTasks(Dataset):
-    """Item i = the tasks of item i of every part, concatenated (rank 0's first)."""
-
-    def __init__(self, parts: list[TrainMetaBatches]):
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return len(self.parts[0])
-
-    def __getitem__(self, index: int) -> Episodes:
-        items = [part[index] for part in self.parts]
-        return Episodes(*(torch.cat(xs) for xs in zip(*items, strict=True)))
-
-
-class _UnionOfShards:
-    """One process that trains on the union of the tasks `shards` DDP ranks would draw: each
-    rank's own ``train_dataset()`` (the data module's, as that rank builds it), concatenated."""
-
-    def __init__(self, shards: int = 2, **kwargs):
-        super().__init__(**kwargs)
-        self.shards = shards
-
-    def train_dataset(self) -> Dataset:
-        parts = []
-        for rank in range(self.shards):
-            self.rank, self.world_size = rank, self.shards  # what shard() reports on that rank
-            parts.append(super().train_dataset())
-        self.rank, self.world_size = 0, 1
-        return _ConcatTasks(parts)
-
-
-class UnionOfShards(_UnionOfShards, EpisodeDataModule):
-    """The union of the ranks' image episodes."""
-
-
-def compose(output_dir: Path, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=[*TINY, f"output_dir={output_dir}", *overrides])
-
-
-def parameters(ckpt: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    return {
-        k: v for k, v in state.items() if "running_" not in k and "num_batches_tracked" not in k
-    }
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def ddp_command(*overrides: str, multirun: bool = False) -> list[str]:
-    return [
-        sys.executable,
-        "train.py",
-        *(["-m"] if multirun else []),
-        "trainer=ddp_cpu",
-        "trainer.devices=2",
-        *TINY,
-        *overrides,
-    ]
-
-
-def run_ok(cmd: list[str], data_root: Path) -> None:
-    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -171,27 +78,6 @@ def ddp_runs(tmp_path_factory, data_root) -> dict[str, Path]:
     return runs
 
 
-def reference(
-    tmp_path: Path, algo: str, shards: int = 2, meta_batch: int = 4, extra: tuple = ()
-) -> Path:
-    from metalearn.train import run
-
-    target = f"{UnionOfShards.__module__}.{UnionOfShards.__qualname__}"
-    cfg = compose(
-        tmp_path,
-        [
-            f"algo={algo}",
-            *EXTRA.get(algo, []),
-            f"data._target_={target}",
-            f"+data.shards={shards}",
-            f"algo.meta_batch_size={meta_batch}",
-            *extra,
-        ],
-    )
-    assert run(cfg)["status"] == "ok"
-    return tmp_path
-
-
 NO_REPTILE = pytest.mark.skipif(not HAS_REPTILE, reason="conf/algo/reptile.yaml is not there yet")
 
 
@@ -199,14 +85,7 @@ NO_REPTILE = pytest.mark.skipif(not HAS_REPTILE, reason="conf/algo/reptile.yaml 
     "algo", ["maml", "fomaml", *METRIC, pytest.param("reptile", marks=NO_REPTILE)]
 )
 def test_two_processes_equal_one_with_the_union_of_tasks(algo, ddp_runs, tmp_path):
-    job = ddp_runs[algo]
-    ref = reference(tmp_path, algo)
-    ddp_params = parameters(job / "checkpoints" / "last.ckpt")
-    ref_params = parameters(ref / "checkpoints" / "last.ckpt")
-    assert max_diff(ddp_params, ref_params) < 1e-5
-
-    ddp, one = (json.loads((d / "metrics.json").read_text()) for d in (job, ref))
-    assert ddp["steps"] == one["steps"] == 4
+    ddp, one = same_weights(ddp_runs[algo], reference(tmp_path, algo))
     # evaluation: 3 + 2 episodes on two ranks, gathered == all 5 in one process
     assert [c["val/acc"] for c in ddp["curve"]] == pytest.approx(
         [c["val/acc"] for c in one["curve"]], abs=1e-6
@@ -266,8 +145,9 @@ def patched_ddp_run(tmp_path, data_root, patch: str, *overrides: str, **env) -> 
     """``train.py`` on 2 gloo processes with ``patch`` applied in each; its exit status."""
     script = patched_train(tmp_path / "patched_train.py", patch)
     cmd = [sys.executable, str(script), *ddp_command(*overrides)[2:]]
-    env = {**os.environ, "METALEARN_DATA_DIR": str(data_root), "WANDB_MODE": "offline", **env}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=run_env(data_root, **env), capture_output=True, text=True, timeout=300
+    )
     return proc.returncode
 
 
@@ -338,55 +218,19 @@ def test_reptile_ddp_inner_optimizer_state_resumes_and_evaluates(tmp_path, data_
 
 
 # ---- regression: MAML on sinusoids ----------------------------------------------------------
-SINUSOID = [
-    "experiment=maml_sinusoid",
-    "algo.meta_batch_size=4",  # global: 2 tasks per rank
-    "data.batches_per_epoch=2",
-    "trainer.max_steps=4",
-    "data.val_episodes=5",  # shares of 3 and 2 tasks
-    "data.test_episodes=5",
-    "data.eval_batch_size=2",
-    "logger=none",
-    "print_config=false",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "algo.optimizer._target_=torch.optim.SGD",
-    "algo.optimizer.lr=0.01",
-]
-
-
-class UnionOfSinusoidShards(_UnionOfShards, SinusoidDataModule):
-    """The union of the ranks' sinusoid tasks."""
 
 
 def test_sinusoid_regression_two_processes_equal_one_with_the_union_of_tasks(tmp_path, data_root):
     """DDP serves regression as it serves classification: the same weights, and the val/test
     MSE gathered over unequal shares equals one process's over the same tasks."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
     from metalearn.train import run
 
-    ddp = tmp_path / "ddp"
-    command = [sys.executable, "train.py", "trainer=ddp_cpu", "trainer.devices=2", *SINUSOID]
-    run_ok([*command, f"hydra.run.dir={ddp}"], data_root)
-    target = f"{UnionOfSinusoidShards.__module__}.{UnionOfSinusoidShards.__qualname__}"
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(
-            "train",
-            overrides=[
-                *SINUSOID,
-                f"data._target_={target}",
-                "+data.shards=2",
-                f"output_dir={tmp_path / 'one'}",
-            ],
-        )
+    ddp_dir, one_dir = tmp_path / "ddp", tmp_path / "one"
+    run_ok(ddp_command(f"hydra.run.dir={ddp_dir}", base=SINUSOID), data_root)
+    target = data_target(UnionOfSinusoidShards)
+    cfg = compose(one_dir, [f"data._target_={target}", "+data.shards=2"], base=SINUSOID)
     assert run(cfg)["status"] == "ok"
-    ddp_params = parameters(ddp / "checkpoints" / "last.ckpt")
-    one_params = parameters(tmp_path / "one" / "checkpoints" / "last.ckpt")
-    assert max_diff(ddp_params, one_params) < 1e-5
-    two, one = (json.loads((d / "metrics.json").read_text()) for d in (ddp, tmp_path / "one"))
-    assert two["steps"] == one["steps"] == 4
+    two, one = same_weights(ddp_dir, one_dir)
     assert [c["val/mse"] for c in two["curve"]] == pytest.approx(
         [c["val/mse"] for c in one["curve"]], rel=1e-5
     )

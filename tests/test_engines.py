@@ -117,9 +117,12 @@ def setup(algo: str):
     return net, ALGOS[algo](net)
 
 
-def meta_grads(engine: str, algo: str, episodes) -> dict:
+def meta_grads(engine, algo: str, episodes) -> dict:
+    """Meta-gradients (and loss, metric) of ``algo`` on the tiny net through ``engine``: a
+    name in ENGINES or an engine object."""
     net, a = setup(algo)
-    out = ENGINES[engine](net, a.loop, episodes)
+    engine = ENGINES[engine] if isinstance(engine, str) else engine
+    out = engine(net, a.loop, episodes)
     out.objective.backward()
     grads = {n: p.grad for n, p in net.named_parameters()}
     grads.update({f"rate:{n}": r.grad for n, r in a.rates.items()})
@@ -182,25 +185,30 @@ def test_chunked_vmap_equals_whole_batch(engine):
         assert engine.auto_chunk(net, eps) == 1
 
 
-def test_gbml_gives_equal_meta_gradients_with_each_engine():
-    """Through GBML's own switches (MAML++: LSLR, msl, per-step BN), one meta-objective each."""
+def gbml_mamlpp(engine):
+    """GBML (float64, the tiny net) with MAML++'s switches: LSLR, multi-step loss, per-step
+    BatchNorm, 2 inner steps."""
     from metalearn.algorithms.gbml import GBML
 
+    return GBML(
+        functools.partial(tiny_net, seed=0),
+        engine,
+        functools.partial(torch.optim.Adam, lr=1e-3),
+        inner_lr=LR,
+        inner_steps=2,
+        inner_rates="lslr",
+        msl=True,
+        bn_per_step=True,
+    ).double()
+
+
+def test_gbml_gives_equal_meta_gradients_with_each_engine():
+    """Through GBML's own switches (MAML++: LSLR, msl, per-step BN), one meta-objective each."""
     eps = random_episodes(batch=2)
     grads = {}
     for name, engine in ENGINES.items():
         torch.manual_seed(0)
-        model = functools.partial(tiny_net, seed=0)
-        algo = GBML(
-            model,
-            engine,
-            functools.partial(torch.optim.Adam, lr=1e-3),
-            inner_lr=LR,
-            inner_steps=2,
-            inner_rates="lslr",
-            msl=True,
-            bn_per_step=True,
-        ).double()
+        algo = gbml_mamlpp(engine)
         out = algo.engine(algo.model, algo.train_loop(), eps)
         out.objective.backward()
         grads[name] = {n: p.grad.clone() for n, p in algo.named_parameters() if p.grad is not None}

@@ -27,7 +27,7 @@ from metalearn.algorithms.mann import (
 from metalearn.errors import ConfigError
 from metalearn.report import report
 from metalearn.train import run
-from tests.helpers import compose_cfg, random_episodes, tiny_net
+from tests.helpers import adapted_accuracy, compose_cfg, random_episodes, tiny_net
 
 
 def logit(p: float) -> float:
@@ -238,14 +238,7 @@ def test_train_logs_the_per_instance_table_and_the_report_shows_it(tmp_path, dat
     dm = instantiate(cfg.data)
     dm.setup()
     data = dm.eval_dataset("test")
-    accs = []
-    for i in range(len(data)):
-        for sx, sy, qx, qy in zip(*data[i], strict=True):
-            pixels = (sx * 255).round().to(torch.uint8)
-            adapted = learner.adapt(pixels, sy.tolist(), invert=False)
-            pred = adapted.predict((qx * 255).round().to(torch.uint8), invert=False)
-            accs.append((pred.indices == qy).float().mean())
-    assert torch.stack(accs).mean().item() == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert adapted_accuracy(learner, data) == pytest.approx(metrics["test/acc"], abs=1e-6)
     images = dm.splits.test.images
     x = torch.from_numpy(images[:7, 0])
     with pytest.raises(ConfigError, match="at most 5 classes"):
@@ -345,9 +338,9 @@ def test_mann_binds_images_to_labels_in_memory_on_omniglot_in_a_short_run(data_r
 def test_mann_trains_under_ddp_on_two_processes(tmp_path, data_root):
     """DDP splits MANN's meta-batch: each rank runs its own sequences (ordered by seed, rank and
     step) and DDP's reducer averages the gradients through manual_backward. A run, not a parity
-    test: the union-of-shards reference of tests/test_distributed.py would need each rank's
+    test: the union-of-shards reference of tests/ddp_helpers.py would need each rank's
     sequence orders."""
-    from tests.test_distributed import ddp_command, run_ok
+    from tests.ddp_helpers import ddp_command, run_ok
 
     run_ok(ddp_command("algo=mann", f"hydra.run.dir={tmp_path}"), data_root)
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -7,10 +7,8 @@ of other numbers of classes, and a short learning test on real Omniglot."""
 
 from __future__ import annotations
 
-import json
 import math
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from metalearn.algorithms.meta_lstm import MetaLSTM, MetaLSTMCell, preprocess
 from metalearn.data.episodes import ragged
 from metalearn.errors import ConfigError
 from metalearn.train import run
-from tests.helpers import compose_cfg, random_episodes, tiny_net
+from tests.helpers import adapted_accuracy, compose_cfg, random_episodes, tiny_net
 
 
 def meta_lstm(ways=3, **kw) -> MetaLSTM:
@@ -191,14 +189,7 @@ def test_trains_through_train_run_evaluates_and_its_checkpoint_round_trips(tmp_p
     dm = instantiate(cfg.data)
     dm.setup()
     data = dm.eval_dataset("test")
-    accs = []
-    for i in range(len(data)):
-        for sx, sy, qx, qy in zip(*data[i], strict=True):
-            pixels = (sx * 255).round().to(torch.uint8)
-            adapted = learner.adapt(pixels, sy.tolist(), invert=False)
-            pred = adapted.predict((qx * 255).round().to(torch.uint8), invert=False)
-            accs.append((pred.indices == qy).float().mean())
-    assert torch.stack(accs).mean().item() == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert adapted_accuracy(learner, data) == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
 # ---- learning on real Omniglot ---------------------------------------------------------------
@@ -248,13 +239,10 @@ def test_ddp_on_two_processes_equals_one_process_with_the_union_of_the_episodes(
 ):
     """trainer=ddp_cpu splits the meta-batch (2 episodes per rank); the averaged meta-gradient
     (LSTM and c_0), clipped after the all-reduce, gives the weights of one process on all 4."""
-    from tests.test_distributed import ddp_command, max_diff, parameters, reference, run_ok
+    from tests.ddp_helpers import ddp_command, reference, run_ok, same_weights
 
     extra = ("algo.inner_steps=2",)
     run_ok(ddp_command("algo=meta_lstm", *extra, f"hydra.run.dir={tmp_path / 'ddp'}"), data_root)
     one = reference(tmp_path / "one", "meta_lstm", extra=extra)
-    last = Path("checkpoints") / "last.ckpt"
-    assert max_diff(parameters(tmp_path / "ddp" / last), parameters(one / last)) < 1e-5
-    ddp, ref = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "ddp", one))
-    assert ddp["steps"] == ref["steps"] == 4
+    ddp, ref = same_weights(tmp_path / "ddp", one)
     assert ddp["test/acc"] == pytest.approx(ref["test/acc"], abs=1e-6)

@@ -128,6 +128,27 @@ def test_val_and_test_episodes_are_fixed_per_source(data_root):
     assert torch.equal(gathered, torch.cat([b.support_x for b in test]))
 
 
+def test_under_ddp_building_the_loaders_leaves_every_ranks_share_as_it_was(data_root):
+    """The rank and world size come from the attached Trainer: building a loader must not hand
+    that Trainer to a source's own module, which would then shard its episodes a second time."""
+    from types import SimpleNamespace
+
+    sources = dict(train_sources=["omniglot"], test_sources=["quickdraw", "omniglot"])
+    whole = make(data_root, **sources).eval_dataset("test")
+    shares = []
+    for rank in range(2):
+        dm = make(data_root, **sources, num_workers=0)
+        dm.trainer = SimpleNamespace(
+            world_size=2, global_rank=rank, global_step=0,
+            strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        )  # fmt: skip
+        dm.train_dataloader()
+        shares.append(dm.test_dataloader().dataset)
+    assert shares[0].sources() + shares[1].sources() == whole.sources()
+    gathered = torch.cat([b.support_x for s in shares for b in s])
+    assert torch.equal(gathered, torch.cat([b.support_x for b in whole]))
+
+
 @pytest.mark.slow
 def test_a_short_mixed_run_logs_per_source_metrics_into_metrics_json(tmp_path, data_root):
     out = tmp_path / "run"

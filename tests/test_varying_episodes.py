@@ -15,8 +15,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from metalearn.algorithms.gbml import GBML
-from metalearn.data.datamodule import EpisodeDataModule, StepSampler
+from metalearn.data.datamodule import EpisodeDataModule
 from metalearn.data.episodes import Episodes, ragged, stacked_groups
+from metalearn.data.loading import StepSampler
 from metalearn.engines.func import FuncEngine
 from metalearn.engines.higher import HigherEngine
 from metalearn.engines.vmap import VmapEngine

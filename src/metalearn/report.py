@@ -52,6 +52,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from metalearn.report_grid import cell_fields, cell_header, cell_texts, markdown_lines, rich_table
 from metalearn.report_mix import dataset_label as mix_dataset_label
 from metalearn.report_mix import markdown as cross_domain_markdown
 from metalearn.report_mix import print_table as print_cross_domain
@@ -494,12 +495,13 @@ def shape_markdown(runs: list[Run]) -> str:
         "Runs on episodes of varying shape: test accuracy (%) ± 95 % CI over the test episodes"
         " of each bin (their count in brackets); shots = support images per class.",
         "",
-        "| run | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
+        *markdown_lines("run", names, shape_rows(names, rows)),
     ]
-    for label, bins in rows:
-        lines.append(f"| {label} | " + " | ".join(shape_text(bins.get(n)) for n in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def shape_rows(names: list[str], rows) -> list[tuple[str, list[str]]]:
+    return [(label, [shape_text(bins.get(n)) for n in names]) for label, bins in rows]
 
 
 def write_shape_csv(path: Path, runs: list[Run]) -> bool:
@@ -521,18 +523,21 @@ def has_regression(cols, cells) -> bool:
     return any("MSE" in col_label(c, cells) for c in cols)
 
 
+CORNER = "dataset / samples / algorithm"
+
+
+def grid_rows(rows, cols, cells) -> list[tuple[str, list[str]]]:
+    return [(row_label(row), cell_texts(cells, row, cols)) for row in rows]
+
+
 def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) -> str:
     lines = [
         f"# Results: {root}",
         "",
         legend(metric, has_regression(cols, cells)),
         "",
-        "| dataset / samples / algorithm | " + " | ".join(col_label(c, cells) for c in cols) + " |",
-        "|---|" + "---:|" * len(cols),
+        *markdown_lines(CORNER, [col_label(c, cells) for c in cols], grid_rows(rows, cols, cells)),
     ]
-    for row in rows:
-        texts = [cells[(row, c)].text() if (row, c) in cells else "" for c in cols]
-        lines.append(f"| {row_label(row)} | " + " | ".join(texts) + " |")
     by_shape = shape_markdown(
         [r for row in rows for c in cols for r in cells.get((row, c), Cell([])).runs]
     )
@@ -585,11 +590,7 @@ def write_csv(path: Path, rows, cols, cells, metric: str) -> None:
                 "variant",
                 "ways",
                 "shots",
-                "runs",
-                "failed",
-                metric,
-                f"{metric}_ci95",
-                "cell",
+                *cell_header(metric),
                 "episodes",
             ]
         )
@@ -603,11 +604,7 @@ def write_csv(path: Path, rows, cols, cells, metric: str) -> None:
                     [
                         *row,
                         *(("", "") if varying else col),
-                        cell.n,
-                        cell.failed,
-                        "" if cell.mean is None else f"{cell.mean:.6f}",
-                        "" if cell.ci95 is None else f"{cell.ci95:.6f}",
-                        cell.text(),
+                        *cell_fields(cell),
                         col[2] if varying else "fixed",
                     ]
                 )
@@ -797,29 +794,20 @@ def print_report(rows, cols, cells, failures, metric, root, files, runs=()) -> N
     from rich.table import Table
 
     console = Console()
-    t = Table(
-        title=f"{metric} (%) ± 95 % CI — {root}",
-        caption=legend(metric, has_regression(cols, cells)),
-        caption_justify="left",
-    )
-    t.add_column("dataset / samples / algorithm")
-    for c in cols:
-        t.add_column(col_label(c, cells), justify="right")
-    for row in rows:
-        t.add_row(
-            escape(row_label(row)),
-            *[cells[(row, c)].text() if (row, c) in cells else "" for c in cols],
+    console.print(
+        rich_table(
+            f"{metric} (%) ± 95 % CI — {root}",
+            CORNER,
+            [col_label(c, cells) for c in cols],
+            grid_rows(rows, cols, cells),
+            caption=legend(metric, has_regression(cols, cells)),
+            caption_justify="left",
         )
-    console.print(t)
-    names, shape_rows = shape_table([r for cell in cells.values() for r in cell.runs])
-    if shape_rows:
-        by = Table(title="accuracy (%) by the episodes' ways and shots ± 95 % CI (episodes)")
-        by.add_column("run")
-        for name in names:
-            by.add_column(name, justify="right")
-        for label, bins in shape_rows:
-            by.add_row(escape(label), *[shape_text(bins.get(n)) for n in names])
-        console.print(by)
+    )
+    names, by_shape = shape_table([r for cell in cells.values() for r in cell.runs])
+    if by_shape:
+        title = "accuracy (%) by the episodes' ways and shots ± 95 % CI (episodes)"
+        console.print(rich_table(title, "run", names, shape_rows(names, by_shape)))
     from metalearn.report_instances import print_table as print_instance_table
 
     print_instance_table(runs, console)  # sequence learners (MANN) only

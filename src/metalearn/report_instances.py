@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from metalearn.report_grid import markdown_lines, rich_table
+
 TITLE = "Accuracy (%) per presentation of a class (sequence learners; Santoro et al. 2016, Table 1)"
 
 
@@ -46,24 +48,13 @@ def markdown(runs) -> str:
     lines = [
         f"## {TITLE}",
         "",
-        "| run | " + " | ".join(f"instance {k}" for k in instances) + " |",
-        "|---|" + "---:|" * len(instances),
+        *markdown_lines("run", [f"instance {k}" for k in instances], table),
     ]
-    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in table]
     return "\n".join(lines) + "\n"
 
 
 def print_table(runs, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     instances, table = rows(runs)
-    if not table:
-        return
-    t = Table(title=TITLE + " ± 95 % CI over test episodes")
-    t.add_column("run")
-    for k in instances:
-        t.add_column(f"instance {k}", justify="right")
-    for label, cells in table:
-        t.add_row(escape(label), *cells)
-    console.print(t)
+    if table:
+        columns = [f"instance {k}" for k in instances]
+        console.print(rich_table(TITLE + " ± 95 % CI over test episodes", "run", columns, table))

@@ -12,6 +12,8 @@ import csv
 from dataclasses import replace
 from pathlib import Path
 
+from metalearn.report_grid import cell_fields, cell_header, cell_texts, markdown_lines, rich_table
+
 TITLE = "Cross-domain: test accuracy (%) per test source, one row per training mix"
 
 
@@ -87,6 +89,13 @@ def row_text(row: tuple) -> str:
     return f"{train} / {algo} / {shape}" + (f" [{variant}]" if variant else "")
 
 
+CORNER = "trained on / algorithm / episodes"
+
+
+def grid_rows(rows, sources, cells) -> list[tuple[str, list[str]]]:
+    return [(row_text(row), cell_texts(cells, row, sources)) for row in rows]
+
+
 def markdown(runs) -> str:
     rows, sources, cells = table(runs)
     if not rows:
@@ -98,12 +107,8 @@ def markdown(runs) -> str:
         " test source (`test/acc/<source>`); a `(data=<source>)` row is a single-source run. "
         "Cells as in the table above.",
         "",
-        "| trained on / algorithm / episodes | " + " | ".join(sources) + " |",
-        "|---|" + "---:|" * len(sources),
+        *markdown_lines(CORNER, sources, grid_rows(rows, sources, cells)),
     ]
-    for row in rows:
-        texts = [cells[(row, s)].text() if (row, s) in cells else "" for s in sources]
-        lines.append(f"| {row_text(row)} | " + " | ".join(texts) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,46 +118,18 @@ def write_csv(path: Path, runs) -> bool:
         return False
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(
-            [
-                "trained_on",
-                "algo",
-                "episodes",
-                "variant",
-                "test_source",
-                "runs",
-                "failed",
-                "acc",
-                "acc_ci95",
-                "cell",
-            ]
-        )
+        row_header = ["trained_on", "algo", "episodes", "variant", "test_source"]
+        w.writerow([*row_header, *cell_header("acc")])
         for row in rows:
             for s in sources:
                 cell = cells.get((row, s))
                 if cell is not None:
-                    mean, ci = cell.mean, cell.ci95
-                    w.writerow(
-                        [*row, s, cell.n, cell.failed, "" if mean is None else f"{mean:.6f}",
-                         "" if ci is None else f"{ci:.6f}", cell.text()]
-                    )  # fmt: skip
+                    w.writerow([*row, s, *cell_fields(cell)])
     return True
 
 
 def print_table(runs, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     rows, sources, cells = table(runs)
-    if not rows:
-        return
-    t = Table(title=TITLE + " ± 95 % CI")
-    t.add_column("trained on / algorithm / episodes")
-    for s in sources:
-        t.add_column(s, justify="right")
-    for row in rows:
-        t.add_row(
-            escape(row_text(row)),
-            *[cells[(row, s)].text() if (row, s) in cells else "" for s in sources],
-        )
-    console.print(t)
+    if rows:
+        title = TITLE + " ± 95 % CI"
+        console.print(rich_table(title, CORNER, sources, grid_rows(rows, sources, cells)))

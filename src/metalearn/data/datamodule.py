@@ -1,10 +1,11 @@
 """EpisodeDataModule: seeded meta-batches for training, fixed episode sets for val/test.
 
 Training: item s = e * len + i is one whole meta-batch drawn from a Generator seeded by
-(seed, rank, e, i) only. `StepSampler` yields s = the Trainer's global step onwards, so the
-batch of each outer step is fixed by the step alone (it runs in the main process, so the index
-reaches the dataset for any num_workers): batches are identical for any num_workers, and a run
-resumed from any checkpoint, even one written mid-epoch, sees the same batches.
+(seed, rank, e, i) only. `StepSampler` (data/loading.py) yields s = the Trainer's global step
+onwards, so the batch of each outer step is fixed by the step alone (it runs in the main
+process, so the index reaches the dataset for any num_workers): batches are identical for any
+num_workers, and a run resumed from any checkpoint, even one written mid-epoch, sees the same
+batches.
 
 Val/test: `val_episodes` / `test_episodes` fixed episodes seeded by (eval_seed, split, episode)
 only, so every run and algorithm is scored on the same episodes; episode e is the same whatever
@@ -30,7 +31,7 @@ import math
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from metalearn.data.augment import Augment
 from metalearn.data.episodes import (
@@ -43,6 +44,7 @@ from metalearn.data.episodes import (
     sample_indices,
     seeded_rng,
 )
+from metalearn.data.loading import EpisodeLoaders, eval_share
 from metalearn.data.shapes import EpisodeShapes, draw_episode
 from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
@@ -60,36 +62,10 @@ from metalearn.data.unlabelled import (
 )
 from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
-from metalearn.interrupt import ignore_sigint
 
 EVAL_SPLIT_TAGS = {"val": 1, "test": 2}
 AUTO_QUERIES = 15  # queries=auto: 15 per class, or what a class has left after the shots
-AUTO_CUDA_WORKERS = 2  # data.num_workers=auto on a CUDA device
 AUGMENT_TAG = 7  # the augmentation's random stream: (seed, rank, epoch, i, AUGMENT_TAG)
-
-
-class StepSampler(Sampler[int]):
-    """Yields start, start + 1, ... (``length`` indices): item s is the batch of outer step s.
-
-    ``start`` is ``step_fn()`` (the Trainer's ``global_step``: one outer step per training
-    batch) when iteration starts, else ``epoch * length`` from ``set_epoch``. Keyed by the step,
-    an epoch resumed mid-way (Lightning restarts the loader) continues with the very batches
-    an uninterrupted run would have drawn; Lightning stops the epoch after its own count.
-    """
-
-    def __init__(self, length: int, step_fn=None):
-        self.length, self.epoch, self.step_fn = length, 0, step_fn
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        start = self.step_fn() if self.step_fn is not None else None
-        start = self.epoch * self.length if start is None else int(start)
-        return iter(range(start, start + self.length))
 
 
 class TrainMetaBatches(Dataset):
@@ -263,7 +239,7 @@ def at_least(minimum: int, **values) -> None:
             raise ConfigError(f"data.{key}={value}: it must be at least {minimum}")
 
 
-class EpisodeDataModule(L.LightningDataModule):
+class EpisodeDataModule(EpisodeLoaders, L.LightningDataModule):
     """Few-shot episodes of dataset `name` (see `metalearn.data.sources.SOURCES`)."""
 
     def __init__(
@@ -527,14 +503,7 @@ class EpisodeDataModule(L.LightningDataModule):
     def num_classes(self) -> dict[str, int]:
         return {split: c.num_classes for split, c in self.splits.items()}
 
-    # ----- loaders -----
-    def shard(self) -> tuple[int, int]:
-        """(rank, world_size): the attached Trainer's under DDP, else the constructor's."""
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            return trainer.global_rank, trainer.world_size
-        return self.rank, self.world_size
-
+    # ----- datasets (served by EpisodeLoaders) -----
     def train_dataset(self) -> TrainMetaBatches:
         # meta_batch_size is global: each rank samples its share, seeded by (seed, rank, ...)
         rank, world_size = self.shard()
@@ -572,13 +541,7 @@ class EpisodeDataModule(L.LightningDataModule):
             self.shapes,
             self.groups(getattr(self.splits, split), self.splits),
         )
-        rank, world_size = self.shard()
-        if 0 < episodes < world_size:  # a rank without episodes would hang the others' gather
-            raise ConfigError(
-                f"data.{split}_episodes={episodes} is fewer than the {world_size} DDP processes:"
-                f" use at least {world_size} (every process scores a share of the episodes)"
-            )
-        share = np.array_split(np.arange(episodes), world_size)[rank]
+        share = eval_share(split, episodes, *self.shard())
         unlabelled = self._unlabelled_of(split)
         if unlabelled is not None:
             images, spec = unlabelled
@@ -602,46 +565,6 @@ class EpisodeDataModule(L.LightningDataModule):
         if isinstance(batch, SemiEpisodes) and not getattr(module, "uses_unlabelled", False):
             return batch.labelled()
         return batch
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset()
-        return self._loader(dataset, StepSampler(len(dataset), self._trainer_step))
-
-    def _trainer_step(self) -> int | None:
-        trainer = getattr(self, "trainer", None)
-        return trainer.global_step if trainer is not None else None
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"))
-
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
-        workers = self.workers()
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            sampler=sampler,
-            shuffle=False,
-            num_workers=workers,
-            persistent_workers=workers > 0,  # items are keyed by step: workers keep no state
-            pin_memory=self._on_cuda(),
-            worker_init_fn=ignore_sigint if workers > 0 else None,
-        )
-
-    def workers(self) -> int:
-        """DataLoader workers. ``auto``: 2 when training on CUDA, where building batches in the
-        main process stalls the (launch-bound) meta-step; 0 on CPU, where workers would only
-        compete with training for the cores."""
-        if self.num_workers == "auto":
-            return AUTO_CUDA_WORKERS if self._on_cuda() else 0
-        return int(self.num_workers)
-
-    def _on_cuda(self) -> bool:
-        """Training on a CUDA device: batches are also pinned, so their copy is asynchronous."""
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
 
 def resolve_normalize(normalize, train: ClassImages) -> tuple | None:

@@ -35,13 +35,13 @@ from metalearn.data.datamodule import (
     AUGMENT_TAG,
     EpisodeDataModule,
     FixedEpisodes,
-    StepSampler,
     TrainMetaBatches,
     built,
     each,
     normalised,
 )
 from metalearn.data.episodes import EpisodeIndices, Episodes, sample_indices, seeded_rng
+from metalearn.data.loading import EpisodeLoaders, eval_share
 from metalearn.data.shapes import draw_episode
 from metalearn.data.sources import SOURCES
 from metalearn.data.transforms import Preprocessing
@@ -208,7 +208,7 @@ class MixFixedEpisodes(Dataset):
         return [s for _, part in self.parts for s in part.shapes()]
 
 
-class MixDataModule(L.LightningDataModule):
+class MixDataModule(EpisodeLoaders, L.LightningDataModule):
     """Episodes of several sources (conf/data/mix.yaml); each episode from one source."""
 
     def __init__(
@@ -338,13 +338,7 @@ class MixDataModule(L.LightningDataModule):
             " one source (data=<source>)"
         )
 
-    # ----- loaders -----
-    def shard(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            return trainer.global_rank, trainer.world_size
-        return self.rank, self.world_size
-
+    # ----- datasets (served by EpisodeLoaders) -----
     def train_dataset(self) -> MixTrainMetaBatches:
         self.setup()
         rank, world_size = self.shard()
@@ -365,14 +359,7 @@ class MixDataModule(L.LightningDataModule):
         self.setup()
         names = self.val_sources if split == "val" else self.test_sources
         episodes = self.val_episodes if split == "val" else self.test_episodes
-        rank, world_size = self.shard()
-        total = episodes * len(names)
-        if 0 < total < world_size:
-            raise ConfigError(
-                f"data.{split}_episodes={episodes} per source is fewer than the {world_size} DDP"
-                f" processes: use at least {math.ceil(world_size / len(names))}"
-            )
-        share = np.array_split(np.arange(total), world_size)[rank]
+        share = eval_share(split, episodes, *self.shard(), sources=len(names))
         parts = []
         for k, name in enumerate(names):
             full = self.parts[name].eval_dataset(split)  # all its episodes (its world_size 1)
@@ -391,32 +378,6 @@ class MixDataModule(L.LightningDataModule):
         names = self.val_sources if stage == "val" else self.test_sources
         episodes = self.val_episodes if stage == "val" else self.test_episodes
         return [name for name in names for _ in range(episodes)]
-
-    def train_dataloader(self):
-        dataset = self.train_dataset()
-        return self._loader(dataset, StepSampler(len(dataset), self._trainer_step))
-
-    def val_dataloader(self):
-        return self._loader(self.eval_dataset("val"))
-
-    def test_dataloader(self):
-        return self._loader(self.eval_dataset("test"))
-
-    # the loader settings are one source's (all share them)
-    def _first(self) -> EpisodeDataModule:
-        first = next(iter(self.parts.values()))
-        first.trainer = self.trainer  # workers / pinning follow the attached Trainer's device
-        return first
-
-    def _loader(self, dataset, sampler=None):
-        return self._first()._loader(dataset, sampler)
-
-    def _trainer_step(self) -> int | None:
-        trainer = getattr(self, "trainer", None)
-        return trainer.global_step if trainer is not None else None
-
-    def workers(self) -> int:
-        return self._first().workers()
 
 
 def by_source(values: torch.Tensor, sources: list[str], prefix: str) -> dict[str, float]:

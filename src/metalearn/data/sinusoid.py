@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metalearn.data.datamodule import EVAL_SPLIT_TAGS, EpisodeDataModule, StepSampler, at_least
+from metalearn.data.datamodule import EVAL_SPLIT_TAGS, at_least
 from metalearn.data.episodes import Episodes, seeded_rng
+from metalearn.data.loading import EpisodeLoaders, eval_share
 from metalearn.distributed import split_meta_batch
 from metalearn.errors import ConfigError
 
@@ -106,7 +107,7 @@ class FixedSinusoidTasks(Dataset):
         return Episodes(*(t[part] for t in self.episodes))
 
 
-class SinusoidDataModule(L.LightningDataModule):
+class SinusoidDataModule(EpisodeLoaders, L.LightningDataModule):
     """Sinusoid regression tasks (see the module doc and conf/data/sinusoid.yaml)."""
 
     task = "regression"  # the kind of task (metalearn/tasks.py): MSE loss and metric
@@ -202,29 +203,5 @@ class SinusoidDataModule(L.LightningDataModule):
 
     def eval_dataset(self, split: str) -> FixedSinusoidTasks:
         episodes, _ = self.fixed(split)
-        rank, world_size = self.shard()
-        if 0 < episodes.batch_size < world_size:
-            raise ConfigError(
-                f"data.{split}_episodes={episodes.batch_size} is fewer than the {world_size} DDP"
-                f" processes: use at least {world_size}"
-            )
-        share = np.array_split(np.arange(episodes.batch_size), world_size)[rank]
-        share = torch.from_numpy(share)
+        share = torch.from_numpy(eval_share(split, episodes.batch_size, *self.shard()))
         return FixedSinusoidTasks(Episodes(*(t[share] for t in episodes)), self.eval_batch_size)
-
-    def train_dataloader(self):
-        dataset = self.train_dataset()
-        return self._loader(dataset, StepSampler(len(dataset), self._trainer_step))
-
-    def val_dataloader(self):
-        return self._loader(self.eval_dataset("val"))
-
-    def test_dataloader(self):
-        return self._loader(self.eval_dataset("test"))
-
-    # the image episodes' loader machinery, shared as is: DDP shard, workers, pinning
-    shard = EpisodeDataModule.shard
-    _trainer_step = EpisodeDataModule._trainer_step
-    _loader = EpisodeDataModule._loader
-    workers = EpisodeDataModule.workers
-    _on_cuda = EpisodeDataModule._on_cuda
