@@ -258,3 +258,22 @@ def test_workers_survive_ctrl_c(data_root):
     time.sleep(0.5)
     assert worker.is_alive()
     assert sum(1 for _ in it) == 3
+
+
+def test_train_on_val_meta_trains_on_the_vinyals_1200_characters(data_root):
+    """Snell et al. meta-train Omniglot on 1200 characters: the Vinyals train + val lists."""
+    from metalearn.data.sources import load_splits
+
+    dm = make(data_root, "omniglot", split="vinyals", train_on_val=True, val_episodes=0)
+    plain = load_splits("omniglot", data_root, split="vinyals")
+    train = dm._splits.train
+    assert train.num_classes == 1200 and train.names == plain.train.names + plain.val.names
+    assert set(train.names).isdisjoint(dm._splits.test.names)
+    at = train.names.index(plain.val.names[3])
+    assert (train.class_images(at) == plain.val.class_images(3)).all()
+    assert dm.train_dataset()[0].support_x.shape[:2] == (4, 5)  # 4 episodes, 5-way 1-shot
+
+
+def test_train_on_val_refuses_validation_on_the_classes_it_trains_on(data_root):
+    with pytest.raises(ConfigError, match="data.train_on_val=true.*set data.val_episodes=0"):
+        make(data_root, "omniglot", split="vinyals", train_on_val=True)

@@ -520,3 +520,33 @@ def test_ckpt_path_last_and_auto_resume_in_the_run_directory(tmp_path, data_root
     assert longer["steps"] == 4 and longer["curve"][0] == first["curve"][0]  # continued
     again = run(compose_cfg(tmp_path / "run", ["ckpt_path=last", "trainer.max_steps=5"]))
     assert again["steps"] == 5
+
+
+def test_trainval_preset_trains_on_1200_characters_without_validation_and_tests_the_last_weights(
+    tmp_path, data_root
+):
+    """experiment=protonet_omniglot_trainval (Snell et al.'s training set): no validation runs,
+    the last weights are tested, and the run says it trained on the val classes."""
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            f"data.root={data_root}",
+            "experiment=protonet_omniglot_trainval",
+            "model.channels=8",
+            "data.train_ways=10",
+            "data.batches_per_epoch=2",
+            "data.test_episodes=10",
+            "data.eval_batch_size=5",
+            "trainer.max_steps=3",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "print_config=false",
+        ],
+        tiny=False,  # TINY validates; the preset's own data.val_episodes=0 is under test
+    )
+    assert cfg.data.train_on_val and cfg.data.val_episodes == 0 and cfg.data.split == "vinyals"
+    metrics = run(cfg)
+    assert metrics["status"] == "ok" and metrics["steps"] == 3 and 0 < metrics["test/acc"] <= 1
+    assert metrics["curve"] == [] and metrics["val/acc_best"] is None, metrics  # nothing validated
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3  # resumable, and what was tested

@@ -68,7 +68,8 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         **by_episode(algo),
         # sequence learners (MANN): accuracy at the k-th presentation of a class
         **{k: v for k, v in logged.items() if k.startswith("test/acc_instance_")},
-        f"val/{m}_best": algo.val_best if math.isfinite(algo.val_best) else None,
+        # None when nothing was validated (data.val_episodes=0), not accuracy's starting 0.0
+        f"val/{m}_best": algo.val_best if algo.history and math.isfinite(algo.val_best) else None,
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,

@@ -689,10 +689,9 @@ def curves_figure(runs: list[Run]):
             ax.set_ylabel("validation MSE" if regression else "validation accuracy (%)")
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
-    fig.suptitle(
-        "band: 95 % CI over validation episodes (one run); t interval across runs (n=K seeds)",
-        fontsize=9,
-    )
+    caption = "band: 95 % CI over validation episodes (one run); t interval across runs (n=K seeds)"
+    # about 13 characters of 9 pt text per inch: one panel is narrower than the caption
+    fig.suptitle(textwrap.fill(caption, int(13 * PANEL_WIDTH_IN * ncols)), fontsize=9)
     fig.tight_layout()  # makes room for the titles' lines between the rows
     return fig
 

@@ -48,7 +48,7 @@ from metalearn.data.loading import EpisodeLoaders, eval_share
 from metalearn.data.shapes import EpisodeShapes, draw_episode
 from metalearn.data.sources import check_source, files_of, load_splits
 from metalearn.data.sources.base import ClassImages
-from metalearn.data.splits import Splits, check_disjoint
+from metalearn.data.splits import SPLIT_NAMES, Splits, check_disjoint, with_val_in_train
 from metalearn.data.transforms import Preprocessing, normalise
 from metalearn.data.unlabelled import (
     UNLABELLED_TAG,
@@ -274,9 +274,17 @@ class EpisodeDataModule(EpisodeLoaders, L.LightningDataModule):
         shots_range: list | tuple = (1, 5),
         metadataset: dict | None = None,
         unlabelled: dict | None = None,
+        train_on_val: bool = False,
         **source_options,
     ):
         super().__init__()
+        if train_on_val and val_episodes:
+            raise ConfigError(
+                f"data.train_on_val=true meta-trains on the validation classes, so validating "
+                f"on them would score training classes: set data.val_episodes=0 (it is "
+                f"{val_episodes}) and trainer.max_steps to the best step of a run with validation"
+            )
+        self.train_on_val = bool(train_on_val)
         # semi-supervised episodes (data/unlabelled.py); per_class=0: off, nothing changes
         self.unlabelled = Unlabelled(**dict(unlabelled or {}))
         if self.unlabelled.active and episodes != "fixed":
@@ -370,6 +378,9 @@ class EpisodeDataModule(EpisodeLoaders, L.LightningDataModule):
             channels=self.channels,
             **self.source_options,
         )
+        if self.train_on_val:
+            check_disjoint(splits)  # as loaded; afterwards val is inside train by design
+            splits = with_val_in_train(splits)
         full_train = splits.train  # normalize=auto: from all meta-train images
         if self.unlabelled.active:
             if splits.episode_groups:
@@ -383,7 +394,7 @@ class EpisodeDataModule(EpisodeLoaders, L.LightningDataModule):
             check_fits(unlabelled, self.unlabelled)
             self.unlabelled_splits = unlabelled
         self._check(splits)
-        check_disjoint(splits)
+        check_disjoint(splits, ("train", "test") if self.train_on_val else SPLIT_NAMES)
         self._resolve_shapes(splits)
         self.image_size, self.channels = splits.train.image_size, splits.train.channels
         self.norm = resolve_normalize(self.normalize, full_train)

@@ -7,9 +7,12 @@ platform and numpy version and can be re-derived from the names alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from metalearn.data.sources.base import ClassImages, base_class_name
 
@@ -34,12 +37,13 @@ class Splits:
         return {name: list(classes.names) for name, classes in self.items()}
 
 
-def check_disjoint(splits: Splits) -> None:
-    """Raise ValueError if a class (rotations included, by base name) is in two splits."""
+def check_disjoint(splits: Splits, names: Sequence[str] = SPLIT_NAMES) -> None:
+    """Raise ValueError if a class (rotations included, by base name) is in two of the splits
+    ``names``."""
     bases = {name: {base_class_name(n) for n in c.names} for name, c in splits.items()}
     leaks = []
-    for i, a in enumerate(SPLIT_NAMES):
-        for b in SPLIT_NAMES[i + 1 :]:
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
             shared = sorted(bases[a] & bases[b])
             if shared:
                 leaks.append(f"{a}/{b}: {shared[:10]}{' ...' if len(shared) > 10 else ''}")
@@ -69,3 +73,22 @@ def split_by_counts(classes: ClassImages, counts: Sequence[int], seed: int) -> l
         parts.append(select_groups(classes, set(order[start : start + count])))
         start += count
     return parts
+
+
+def with_val_in_train(splits: Splits) -> Splits:
+    """Meta-train on the train and val classes together (Snell et al. train on Omniglot's 1200
+    characters, the Vinyals train + val); the val split stays as it is but must not be scored:
+    its classes are training classes now."""
+    train, val = splits.train, splits.val
+    if isinstance(train.images, np.ndarray) and isinstance(val.images, np.ndarray):
+        same = train.images.shape[1:] == val.images.shape[1:]
+    else:
+        same = False
+    images = (
+        np.concatenate([train.images, val.images])
+        if same
+        else [train.class_images(c) for c in range(train.num_classes)]
+        + [val.class_images(c) for c in range(val.num_classes)]
+    )
+    merged = ClassImages(images, train.names + val.names, train.groups + val.groups)
+    return dataclasses.replace(splits, train=merged)
