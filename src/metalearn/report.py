@@ -52,7 +52,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from metalearn.report_grid import cell_fields, cell_header, cell_texts, markdown_lines, rich_table
+from metalearn.report_grid import cell_fields, cell_header, grid_rows, markdown_lines, rich_table
 from metalearn.report_mix import dataset_label as mix_dataset_label
 from metalearn.report_mix import markdown as cross_domain_markdown
 from metalearn.report_mix import print_table as print_cross_domain
@@ -526,17 +526,15 @@ def has_regression(cols, cells) -> bool:
 CORNER = "dataset / samples / algorithm"
 
 
-def grid_rows(rows, cols, cells) -> list[tuple[str, list[str]]]:
-    return [(row_label(row), cell_texts(cells, row, cols)) for row in rows]
-
-
 def markdown(rows, cols, cells, failures: list[Run], metric: str, root: Path) -> str:
     lines = [
         f"# Results: {root}",
         "",
         legend(metric, has_regression(cols, cells)),
         "",
-        *markdown_lines(CORNER, [col_label(c, cells) for c in cols], grid_rows(rows, cols, cells)),
+        *markdown_lines(
+            CORNER, [col_label(c, cells) for c in cols], grid_rows(rows, cols, cells, row_label)
+        ),
     ]
     by_shape = shape_markdown(
         [r for row in rows for c in cols for r in cells.get((row, c), Cell([])).runs]
@@ -798,7 +796,7 @@ def print_report(rows, cols, cells, failures, metric, root, files, runs=()) -> N
             f"{metric} (%) ± 95 % CI — {root}",
             CORNER,
             [col_label(c, cells) for c in cols],
-            grid_rows(rows, cols, cells),
+            grid_rows(rows, cols, cells, row_label),
             caption=legend(metric, has_regression(cols, cells)),
             caption_justify="left",
         )

@@ -5,9 +5,13 @@ lines or a Rich table, and a cell's CSV fields."""
 from __future__ import annotations
 
 
-def cell_texts(cells: dict, row, cols) -> list[str]:
-    """The text of each ``cells[(row, col)]``; '' where the grid has no such cell."""
-    return [cells[(row, c)].text() if (row, c) in cells else "" for c in cols]
+def grid_rows(rows, cols, cells: dict, label) -> list[tuple[str, list[str]]]:
+    """``(label(row), texts)`` per row: the text of each ``cells[(row, col)]``, '' where the
+    grid has no such cell."""
+    return [
+        (label(row), [cells[(row, c)].text() if (row, c) in cells else "" for c in cols])
+        for row in rows
+    ]
 
 
 def markdown_lines(corner: str, columns: list[str], rows) -> list[str]:

@@ -12,7 +12,7 @@ import csv
 from dataclasses import replace
 from pathlib import Path
 
-from metalearn.report_grid import cell_fields, cell_header, cell_texts, markdown_lines, rich_table
+from metalearn.report_grid import cell_fields, cell_header, grid_rows, markdown_lines, rich_table
 
 TITLE = "Cross-domain: test accuracy (%) per test source, one row per training mix"
 
@@ -92,10 +92,6 @@ def row_text(row: tuple) -> str:
 CORNER = "trained on / algorithm / episodes"
 
 
-def grid_rows(rows, sources, cells) -> list[tuple[str, list[str]]]:
-    return [(row_text(row), cell_texts(cells, row, sources)) for row in rows]
-
-
 def markdown(runs) -> str:
     rows, sources, cells = table(runs)
     if not rows:
@@ -107,7 +103,7 @@ def markdown(runs) -> str:
         " test source (`test/acc/<source>`); a `(data=<source>)` row is a single-source run. "
         "Cells as in the table above.",
         "",
-        *markdown_lines(CORNER, sources, grid_rows(rows, sources, cells)),
+        *markdown_lines(CORNER, sources, grid_rows(rows, sources, cells, row_text)),
     ]
     return "\n".join(lines) + "\n"
 
@@ -132,4 +128,4 @@ def print_table(runs, console) -> None:
     rows, sources, cells = table(runs)
     if rows:
         title = TITLE + " ± 95 % CI"
-        console.print(rich_table(title, CORNER, sources, grid_rows(rows, sources, cells)))
+        console.print(rich_table(title, CORNER, sources, grid_rows(rows, sources, cells, row_text)))

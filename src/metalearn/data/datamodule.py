@@ -379,7 +379,6 @@ class EpisodeDataModule(EpisodeLoaders, L.LightningDataModule):
             **self.source_options,
         )
         if self.train_on_val:
-            check_disjoint(splits)  # as loaded; afterwards val is inside train by design
             splits = with_val_in_train(splits)
         full_train = splits.train  # normalize=auto: from all meta-train images
         if self.unlabelled.active:
@@ -394,6 +393,7 @@ class EpisodeDataModule(EpisodeLoaders, L.LightningDataModule):
             check_fits(unlabelled, self.unlabelled)
             self.unlabelled_splits = unlabelled
         self._check(splits)
+        # train_on_val: val is inside train by design, and train/test covers val/test
         check_disjoint(splits, ("train", "test") if self.train_on_val else SPLIT_NAMES)
         self._resolve_shapes(splits)
         self.image_size, self.channels = splits.train.image_size, splits.train.channels

@@ -80,13 +80,10 @@ def with_val_in_train(splits: Splits) -> Splits:
     characters, the Vinyals train + val); the val split stays as it is but must not be scored:
     its classes are training classes now."""
     train, val = splits.train, splits.val
-    if isinstance(train.images, np.ndarray) and isinstance(val.images, np.ndarray):
-        same = train.images.shape[1:] == val.images.shape[1:]
-    else:
-        same = False
+    dense = isinstance(train.images, np.ndarray) and isinstance(val.images, np.ndarray)
     images = (
         np.concatenate([train.images, val.images])
-        if same
+        if dense and train.images.shape[1:] == val.images.shape[1:]
         else [train.class_images(c) for c in range(train.num_classes)]
         + [val.class_images(c) for c in range(val.num_classes)]
     )
