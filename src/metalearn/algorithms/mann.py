@@ -35,14 +35,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from metalearn.algorithms.base import EpisodicModule, mean_ci95
 from metalearn.algorithms.metric import ways_of
-from metalearn.data.episodes import Episodes
+from metalearn.data.episodes import Episodes, seeded_generator
 from metalearn.errors import ConfigError
 
 # the presentations of a class that the paper's Table 1 reports
@@ -266,8 +265,7 @@ class MANN(EpisodicModule):
     def training_step(self, episodes, batch_idx):
         # each sequence's order: a function of (seed, rank, step), not of global RNG state, so
         # a resumed run sees the orders an uninterrupted one does
-        key = np.random.SeedSequence([self.seed, self.global_rank, self.global_step])
-        generator = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+        generator = seeded_generator(self.seed, self.global_rank, self.global_step)
         images, labels = self.sequences(episodes, generator)
         logits, _ = self.run_sequence(images, labels)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.func import functional_call
@@ -40,6 +39,7 @@ from torch.func import functional_call
 from metalearn.algorithms import heads
 from metalearn.algorithms.base import EpisodicModule
 from metalearn.algorithms.fitting import fit
+from metalearn.data.episodes import seeded_generator
 from metalearn.engines.base import check_inner_optimizer, collect, is_ragged
 from metalearn.errors import ConfigError
 
@@ -145,8 +145,7 @@ class Reptile(EpisodicModule):
         """``inner_steps`` minibatches cycling through a seeded shuffle of the task's samples."""
         if self.inner_batch_size is None or self.inner_batch_size >= len(y):
             return [(x, y)] * self.inner_steps
-        key = np.random.SeedSequence([self.seed, self.global_rank, self.global_step, task])
-        gen = torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+        gen = seeded_generator(self.seed, self.global_rank, self.global_step, task)
         order = torch.cat(
             [
                 torch.randperm(len(y), generator=gen)

@@ -188,6 +188,13 @@ def seeded_rng(*seeds: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(s) for s in seeds]))
 
 
+def seeded_generator(*seeds: int) -> torch.Generator:
+    """A torch Generator seeded from non-negative integers only (e.g. seed, rank, step): draws
+    that depend on the key, never on global RNG state, so a resumed run repeats them."""
+    key = np.random.SeedSequence([int(s) for s in seeds])
+    return torch.Generator().manual_seed(int(key.generate_state(1)[0]))
+
+
 def materialise_varying(images, drawn: list) -> Episodes:
     """A ragged meta-batch from ``data.shapes.Episode`` draws of a ``ClassImages``: support
     ordered by label (class i has ``shots[i]`` images), then ``queries`` per class."""
