@@ -11,6 +11,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+# the configs tests compose read it too (paths.data_dir), not only the data_root fixture
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("METALEARN_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # pytest-xdist runs one test process per core: one torch thread each (and in the runs they
@@ -22,7 +26,7 @@ if PARALLEL:
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = Path(os.environ.get("METALEARN_DATA_DIR", REPO.parent / "shared" / "data"))
+    root = Path(os.environ.get("METALEARN_DATA_DIR", SHARED_DATA))
     if not (root / "omniglot").is_dir():
         pytest.fail(
             f"real data not found under {root}: set METALEARN_DATA_DIR to the folder "
