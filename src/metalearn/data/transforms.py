@@ -19,9 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metalearn.errors import DataError
-
-RESIZE_RECIPES = ("lanczos", "bilinear")
+from metalearn.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,25 @@ def resize_bilinear(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndar
     return out.reshape(*images.shape[:-2], size, size)
 
 
-RESIZERS = {"lanczos": resize_lanczos, "bilinear": resize_bilinear}
+def resize_binary(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [..., H, W] to 0/255 images of size x size: thresholded at 128, then Pillow's
+    nearest neighbour (what Pillow does to the official Omniglot PNGs, 1-bit images, in the
+    reference codes of MAML and Prototypical Networks). Polarity-symmetric."""
+    from PIL import Image
+
+    flat = images.reshape(-1, *images.shape[-2:]) >= 128
+    out = np.stack(
+        [np.asarray(Image.fromarray(x).resize((size, size), Image.NEAREST)) for x in flat]
+    )
+    return (out.astype(np.uint8) * 255).reshape(*images.shape[:-2], size, size)
+
+
+RESIZERS = {"lanczos": resize_lanczos, "bilinear": resize_bilinear, "binary": resize_binary}
+
+
+def check_resize(recipe: str) -> None:
+    if recipe not in RESIZERS:
+        raise ConfigError(f"data.resize={recipe!r} is unknown: choose one of {sorted(RESIZERS)}")
 
 
 # ---- a user's images -----------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 from metalearn.data.sources.base import ClassImages
 from metalearn.data.sources.cache import decode_classes
 from metalearn.data.splits import SPLIT_NAMES, Splits, seeded_order
+from metalearn.data.transforms import check_resize
 from metalearn.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ def load_folder(
     cache_dir: str | None = None,
 ) -> Splits:
     """The classes of the image folder ``root`` (see the module doc)."""
+    check_resize(resize)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={root}: no such folder (one sub-folder per class)")

@@ -3,7 +3,8 @@
 Files read from `<root>/omniglot/`, first match wins, for each of the two parts
 `images_background` (964 characters, 30 alphabets) and `images_evaluation` (659, 20 alphabets):
 
-1. `<part>_28.npz` when image_size == 28 (the project's npz, see the data README),
+1. `<part>_28.npz` when image_size == 28 and resize == "lanczos" (the project's npz, see the
+   data README),
 2. `<part>.npz` (105x105; resized when image_size is not 105, see `resize`),
 3. `<part>/<Alphabet>/<characterNN>/*.png` (the unpacked official release; needs Pillow),
 4. `<part>.zip` (the official zip of github.com/brendenlake/omniglot `python/`; needs Pillow),
@@ -11,7 +12,9 @@ Files read from `<root>/omniglot/`, first match wins, for each of the two parts
    published md5 (`ZIP_MD5`) is checked whatever the URL, so a mirror must serve the same zip.
 Whatever the format, each part must hold its official number of characters (`PART_CLASSES`),
 and resizing follows the `_28.npz` files' recipe (Pillow LANCZOS on the original polarity), so
-every format gives the same pixels.
+every format gives the same pixels. ``resize="binary"`` gives instead the images of the MAML and
+Prototypical Networks reference codes: they open the 1-bit PNGs with Pillow and resize them as
+1-bit images, i.e. nearest neighbour, so strokes stay binary (thinner and more aliased).
 
 Split rules (``split``):
 
@@ -46,7 +49,7 @@ from metalearn.data.download import download as fetch
 from metalearn.data.sources.base import ClassImages, group_by_label, load_npz
 from metalearn.data.sources.vinyals import vinyals_splits
 from metalearn.data.splits import Splits, seeded_order, select_groups
-from metalearn.data.transforms import resize_lanczos
+from metalearn.data.transforms import RESIZERS, check_resize
 from metalearn.errors import ConfigError, DataError
 
 PARTS = ("images_background", "images_evaluation")
@@ -68,8 +71,15 @@ ZIP_MD5 = {
     "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
 NPZ_KEYS = ("images", "labels", "class_names", "alphabets")
-# The files' images: black strokes on white paper, inverted on loading, resized by `resize`.
-FILES = {"paper_white": True, "resize": "lanczos"}
+
+
+def files_of(resize: str = "lanczos", **_) -> dict:
+    """The files' images: black strokes on white paper, inverted on loading, resized by
+    ``resize`` (saved in checkpoints so a user's drawings go through the same recipe)."""
+    return {"paper_white": True, "resize": resize}
+
+
+FILES = files_of
 SPLITS = ("alphabets", "vinyals")
 
 
@@ -83,19 +93,25 @@ def load_omniglot(
     zip_sha256: dict[str, str | None] | None = None,
     split: str = "alphabets",
     within_alphabet: bool = False,
+    resize: str = "lanczos",
 ) -> Splits:
     """Omniglot as meta-train/val/test `Splits` (see the module docstring for the rules)."""
-    splits = omniglot_splits(root, image_size, split_seed, download, base_url, zip_sha256, split)
+    check_resize(resize)
+    splits = omniglot_splits(
+        root, image_size, resize, split_seed, download, base_url, zip_sha256, split
+    )
     return dataclasses.replace(splits, episode_groups=bool(within_alphabet))
 
 
-def omniglot_splits(root, image_size, split_seed, download, base_url, zip_sha256, split) -> Splits:
+def omniglot_splits(
+    root, image_size, recipe, split_seed, download, base_url, zip_sha256, split
+) -> Splits:
     if split not in SPLITS:
         raise ConfigError(f"data.split={split!r} is unknown for Omniglot: choose one of {SPLITS}")
     folder = Path(root) / "omniglot"
     hashes = ZIP_SHA256 if zip_sha256 is None else zip_sha256
     background, evaluation = (
-        load_part(folder, part, image_size, download, base_url, hashes) for part in PARTS
+        load_part(folder, part, image_size, recipe, download, base_url, hashes) for part in PARTS
     )
     if split == "vinyals":
         return vinyals_splits(dict(zip(PARTS, (background, evaluation), strict=True)), folder)
@@ -119,8 +135,8 @@ def val_alphabets(background: ClassImages, split_seed: int) -> set[str]:
     return chosen
 
 
-def missing_message(folder: Path, image_size: int) -> str:
-    npz = "{}_28.npz" if image_size == 28 else "{}.npz"
+def missing_message(folder: Path, image_size: int, recipe: str = "lanczos") -> str:
+    npz = "{}_28.npz" if image_size == 28 and recipe == "lanczos" else "{}.npz"
     files = " and ".join(npz.format(p) for p in PARTS)
     return (
         f"Omniglot not found: put {files} (or the official images_background.zip/"
@@ -129,22 +145,23 @@ def missing_message(folder: Path, image_size: int) -> str:
     )
 
 
-def load_part(folder, part, image_size, download, base_url, hashes) -> ClassImages:
-    """One part (background or evaluation) as ink-high ClassImages of image_size x image_size."""
+def load_part(folder, part, image_size, recipe, download, base_url, hashes) -> ClassImages:
+    """One part (background or evaluation) as ink-high ClassImages of image_size x image_size,
+    resized by ``recipe``."""
     if image_size < 1:
         raise ConfigError(f"data.image_size={image_size}: use a positive size such as 28 or 105")
     candidates = [folder / f"{part}.npz", folder / part, folder / f"{part}.zip"]
-    if image_size == 28:
+    if image_size == 28 and recipe == "lanczos":
         candidates.insert(0, folder / f"{part}_28.npz")
     path = next((p for p in candidates if p.exists()), None)
     if path is None:
         path = folder / f"{part}.zip"
         if not download:
-            raise DataError(missing_message(folder, image_size) + " (data.download is false)")
+            raise DataError(missing_message(folder, image_size, recipe) + " (data.download is false)")
         try:
             fetch(base_url + path.name, path, sha256=hashes.get(path.name), md5=ZIP_MD5[path.name])
         except DataError as err:
-            raise DataError(f"{err}\n{missing_message(folder, image_size)}") from err
+            raise DataError(f"{err}\n{missing_message(folder, image_size, recipe)}") from err
     if path.suffix == ".npz":
         classes = read_npz(path, folder)
     else:
@@ -155,17 +172,18 @@ def load_part(folder, part, image_size, download, base_url, hashes) -> ClassImag
             f" {PART_CLASSES[part]} for {part}: it is partial or not the official release. Delete"
             f" it and put the complete one back (official zip: {BASE_URL}{part}.zip)"
         )
-    return ClassImages(resize(classes.images, image_size), classes.names, classes.groups)
+    return ClassImages(resize(classes.images, image_size, recipe), classes.names, classes.groups)
 
 
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Ink-high uint8 [C, n, H, W] to size x size as the `_28.npz` files were made: Pillow's
-    LANCZOS on the original polarity (paper = 255). Torch's antialiased bilinear differs in a
-    third of the pixels (by up to 70 levels), so the zips would give other data than the npz."""
-    if images.shape[-2:] == (size, size):
+def resize(images: np.ndarray, size: int, recipe: str = "lanczos") -> np.ndarray:
+    """Ink-high uint8 [C, n, H, W] to size x size by ``recipe`` on the original polarity
+    (paper = 255); "lanczos" as the `_28.npz` files were made. Torch's antialiased bilinear
+    differs in a third of the pixels (by up to 70 levels), so the zips would give other data
+    than the npz."""
+    if images.shape[-2:] == (size, size) and recipe == "lanczos":
         return images
     _pillow()
-    return 255 - resize_lanczos(255 - images, size)
+    return 255 - RESIZERS[recipe](255 - images, size)
 
 
 def read_npz(path: Path, folder: Path) -> ClassImages:
