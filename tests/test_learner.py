@@ -14,6 +14,8 @@ from PIL import Image
 import metalearn
 from metalearn.algorithms.gbml import GBML
 from metalearn.algorithms.protonet import ProtoNet
+from metalearn.data.sources import files_of
+from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.transforms import Preprocessing, prepare
 from metalearn.errors import ConfigError
 from metalearn.learner import CheckpointError, load
@@ -145,6 +147,21 @@ def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):
     x = prepare(pils, spec)
     expected = torch.from_numpy(255 - small).float().div(255).unsqueeze(1)
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_a_binary_resize_model_binarises_a_users_drawings_as_its_training_data(data_root):
+    """A model trained with data.resize=binary (the reference codes' Omniglot) records it in
+    its checkpoint, and a user's released PNGs then become exactly its training pixels."""
+    binary = load_omniglot(data_root, resize="binary").test.images[0]
+    with np.load(data_root / "omniglot" / "images_evaluation.npz") as f:
+        originals = f["images"][f["labels"] == 0]
+    spec = Preprocessing("omniglot", 28, 1, **files_of("omniglot", {"resize": "binary"}))
+    assert spec.resize == "binary" and spec.paper_white
+    x = prepare([Image.fromarray(a).convert("1") for a in originals], spec)
+    expected = torch.from_numpy(binary).float().div(255).unsqueeze(1)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    grey = prepare([Image.fromarray(a).convert("L") for a in originals], spec)
+    torch.testing.assert_close(grey, expected, rtol=0, atol=0)
 
 
 def test_colour_images_for_a_grayscale_model_are_converted_and_said_once(data_root):

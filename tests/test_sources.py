@@ -7,10 +7,12 @@ import zipfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from metalearn.data.sources import load_splits
 from metalearn.data.sources import omniglot as omniglot_module
 from metalearn.data.sources.base import ClassImages, load_npz
+from metalearn.data.sources.folder import load_folder
 from metalearn.data.sources.omniglot import load_omniglot
 from metalearn.data.sources.quickdraw import CATEGORIES, load_quickdraw, read_bitmap_file
 from metalearn.data.splits import Splits, check_disjoint
@@ -76,6 +78,31 @@ def test_omniglot_resized_from_105_equals_the_28_files(tmp_path, data_root, omni
         a, b = getattr(resized, split), getattr(omniglot, split)
         assert a.names == b.names
         assert np.array_equal(a.images, b.images), split
+
+
+def test_omniglot_binary_resize_gives_the_reference_codes_images(data_root, omniglot):
+    # data.resize=binary: the MAML and ProtoNet reference codes open the 1-bit PNGs with Pillow
+    # and resize them as 1-bit images. Computed independently, as the data README says.
+    binary = load_omniglot(data_root, resize="binary")
+    with np.load(data_root / "omniglot" / "images_evaluation.npz") as f:
+        originals, labels = f["images"], f["labels"]
+    first = originals[labels == 0]  # paper = 255
+    expected = [255 - 255 * np.asarray(Image.fromarray(a == 255).resize((28, 28))) for a in first]
+    assert np.array_equal(binary.test.images[0], np.stack(expected).astype(np.uint8))
+    assert set(np.unique(binary.train.images)) == {0, 255}
+    assert binary.test.names == omniglot.test.names
+    assert not np.array_equal(binary.test.images, omniglot.test.images)
+
+
+def test_unknown_resize_recipe_names_the_choices(data_root, tmp_path):
+    for load in (load_omniglot, load_folder):
+        with pytest.raises(ConfigError, match=r"data.resize='bicubic' is unknown.*binary"):
+            load(tmp_path, resize="bicubic")
+
+
+def test_missing_105_files_are_named_for_binary_resize(tmp_path):
+    with pytest.raises(DataError, match=r"images_background\.npz and images_evaluation\.npz"):
+        load_omniglot(tmp_path, resize="binary", download=False)
 
 
 def test_rotations_quadruple_classes_within_split(data_root, omniglot):

@@ -157,7 +157,8 @@ def load_part(folder, part, image_size, recipe, download, base_url, hashes) -> C
     if path is None:
         path = folder / f"{part}.zip"
         if not download:
-            raise DataError(missing_message(folder, image_size, recipe) + " (data.download is false)")
+            missing = missing_message(folder, image_size, recipe)
+            raise DataError(f"{missing} (data.download is false)")
         try:
             fetch(base_url + path.name, path, sha256=hashes.get(path.name), md5=ZIP_MD5[path.name])
         except DataError as err:
