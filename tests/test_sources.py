@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metalearn.data.sources import load_splits
+from metalearn.data.sources import FILES, SOURCES, load_splits
 from metalearn.data.sources import omniglot as omniglot_module
 from metalearn.data.sources.base import ClassImages, load_npz
 from metalearn.data.sources.folder import load_folder
 from metalearn.data.sources.omniglot import load_omniglot
+from metalearn.data.sources.protocol import check_files, check_loader, check_splits
 from metalearn.data.sources.quickdraw import CATEGORIES, load_quickdraw, read_bitmap_file
 from metalearn.data.splits import Splits, check_disjoint
 from metalearn.errors import ConfigError, DataError
@@ -103,6 +104,29 @@ def test_unknown_resize_recipe_names_the_choices(data_root, tmp_path):
 def test_missing_105_files_are_named_for_binary_resize(tmp_path):
     with pytest.raises(DataError, match=r"images_background\.npz and images_evaluation\.npz"):
         load_omniglot(tmp_path, resize="binary", download=False)
+
+
+def test_a_source_breaking_the_contract_is_named_where_it_is_written(omniglot):
+    def load_mine(root, image_size=28, split_seed=0):
+        return omniglot
+
+    with pytest.raises(ConfigError, match=r"load_mine does not take download.*protocol.py"):
+        check_loader("mine", load_mine, {"paper_white": False, "resize": "lanczos"})
+    with pytest.raises(ConfigError, match=r"mine.FILES resize='nearest' is unknown"):
+        check_loader("mine", lambda root, **kw: omniglot, {"paper_white": 0, "resize": "nearest"})
+    with pytest.raises(ConfigError, match=r"FILES must be \{'paper_white'"):
+        check_files("mine", {"invert": True})
+    for name, loader in SOURCES.items():  # the shipped sources meet it
+        check_loader(name, loader, FILES[name])
+
+
+def test_a_loader_returning_other_than_splits_of_one_shape_is_refused(data_root, omniglot):
+    with pytest.raises(DataError, match="returned dict, not Splits"):
+        check_splits("mine", {"train": omniglot.train})
+    big = load_omniglot(data_root, image_size=105)
+    mixed = Splits(omniglot.train, big.val, omniglot.test)
+    with pytest.raises(DataError, match=r"val \(1, 105, 105\).*set data.image_size"):
+        check_splits("mine", mixed)
 
 
 def test_rotations_quadruple_classes_within_split(data_root, omniglot):

@@ -8,6 +8,7 @@ import inspect
 import pkgutil
 
 from metalearn.data.sources.base import ClassImages, add_rotations, take_samples, with_channels
+from metalearn.data.sources.protocol import Source, check_files, check_loader, check_splits
 from metalearn.data.splits import Splits
 from metalearn.errors import ConfigError
 
@@ -16,7 +17,8 @@ def discover() -> tuple[dict, dict]:
     """Every module ``metalearn.data.sources.<name>`` with a ``load_<name>`` loader is a source
     (``data.name=<name>``); its ``FILES`` (a dict, or a function of the source's options) says
     how its files look (polarity, resize recipe: see metalearn.data.transforms). A new dataset
-    is that module plus ``conf/data/<name>.yaml``; nothing to register."""
+    is that module plus ``conf/data/<name>.yaml``; nothing to register. Each is checked against
+    the contract in ``protocol.py`` here."""
     loaders, files = {}, {}
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
@@ -24,6 +26,7 @@ def discover() -> tuple[dict, dict]:
         if callable(loader):
             loaders[info.name] = loader
             files[info.name] = getattr(module, "FILES", {"paper_white": False, "resize": "lanczos"})
+            check_loader(info.name, loader, files[info.name])
     return loaders, files
 
 
@@ -32,10 +35,10 @@ SOURCES, FILES = discover()
 
 def files_of(name: str, options: dict) -> dict:
     files = FILES[name]
-    return files(**options) if callable(files) else dict(files)
+    return check_files(name, dict(files(**options) if callable(files) else files))
 
 
-__all__ = ["FILES", "SOURCES", "files_of", "ClassImages", "Splits", "load_splits"]
+__all__ = ["FILES", "SOURCES", "files_of", "ClassImages", "Source", "Splits", "load_splits"]
 
 
 def check_source(name: str, options: dict) -> None:
@@ -81,8 +84,9 @@ def load_splits(
         default = inspect.signature(loader).parameters["image_size"].default
         if default is not None:
             raise ConfigError(f"data={name} needs data.image_size (e.g. {default})")
-    splits = loader(
-        root, image_size=image_size, split_seed=split_seed, download=download, **options
+    splits = check_splits(
+        name,
+        loader(root, image_size=image_size, split_seed=split_seed, download=download, **options),
     )
     if samples_per_class is not None:
         available = min(c.images_per_class for _, c in splits.items())
