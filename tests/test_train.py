@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -527,26 +528,42 @@ def test_trainval_preset_trains_on_1200_characters_without_validation_and_tests_
 ):
     """experiment=protonet_omniglot_trainval (Snell et al.'s training set): no validation runs,
     the last weights are tested, and the run says it trained on the val classes."""
-    cfg = compose_cfg(
-        tmp_path,
-        [
-            f"data.root={data_root}",
-            "experiment=protonet_omniglot_trainval",
-            "model.channels=8",
-            "data.train_ways=10",
-            "data.batches_per_epoch=2",
-            "data.test_episodes=10",
-            "data.eval_batch_size=5",
-            "trainer.max_steps=3",
-            "trainer.enable_progress_bar=false",
-            "logger=none",
-            "print_config=false",
-        ],
-        tiny=False,  # TINY validates; the preset's own data.val_episodes=0 is under test
-    )
+    overrides = [
+        f"data.root={data_root}",
+        "experiment=protonet_omniglot_trainval",
+        "model.channels=8",
+        "data.train_ways=10",
+        "data.batches_per_epoch=2",
+        "data.test_episodes=10",
+        "data.eval_batch_size=5",
+        "trainer.max_steps=3",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "print_config=false",
+    ]
+    # not TINY (it validates): the preset's own data.val_episodes=0 is under test
+    cfg = compose_cfg(tmp_path, overrides, tiny=False)
     assert cfg.data.train_on_val and cfg.data.val_episodes == 0 and cfg.data.split == "vinyals"
-    metrics = run(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = run(cfg)
+    noise = [
+        str(w.message)
+        for w in caught
+        if "monitored key" in str(w.message) or "length of" in str(w.message)
+    ]
+    assert not noise, noise  # no empty validation loop, no best checkpoint without a ranking
     assert metrics["status"] == "ok" and metrics["steps"] == 3 and 0 < metrics["test/acc"] <= 1
     assert metrics["curve"] == [] and metrics["val/acc_best"] is None, metrics  # nothing validated
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3  # resumable, and what was tested
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    cfg = compose_cfg(
+        tmp_path / "es", [*overrides, "callbacks=[default,early_stopping]"], tiny=False
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"callbacks.early_stopping watches val/acc, but "
+        r"data.val_episodes=0 validates nothing: remove it",
+    ):
+        run(cfg)

@@ -80,12 +80,15 @@ def instantiate_algorithm(cfg: DictConfig, datamodule, settings: dict):
 
 
 def instantiate_callbacks(
-    cfg: DictConfig, task: TaskKind = CLASSIFICATION
+    cfg: DictConfig, task: TaskKind = CLASSIFICATION, validates: bool = True
 ) -> dict[str, L.Callback]:
     """``cfg.callbacks``: name -> callback; a null entry or a factory returning None (the
     progress bar with ``trainer.enable_progress_bar=false``) is left out. A callback watching
     ``val/acc`` (the best checkpoint, early stopping) watches the task's metric instead on
-    other tasks (regression: the lowest ``val/mse``)."""
+    other tasks (regression: the lowest ``val/mse``). In a run that validates nothing
+    (``data.val_episodes=0``) the best checkpoint has nothing to rank by and is left out (the
+    final weights are tested; last.ckpt holds them); any other val-watching callback is an
+    error."""
     callbacks = {}
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:
@@ -96,6 +99,14 @@ def instantiate_callbacks(
                 f"+callbacks.{name}._target_=lightning.pytorch.callbacks.EarlyStopping; "
                 "conf/callbacks/ has examples)"
             )
+        if not validates and str(node.get("monitor") or "").startswith("val/"):
+            if name == "model_checkpoint":
+                log.info("no validation (data.val_episodes=0): no best checkpoint to keep")
+                continue
+            raise ConfigError(
+                f"callbacks.{name} watches {node.monitor}, but data.val_episodes=0 validates "
+                f"nothing: remove it (~callbacks.{name}) or set data.val_episodes"
+            )
         follow = node.get("monitor") == "val/acc" and task.metric != "acc"
         extra = {"monitor": f"val/{task.metric}", "mode": task.mode} if follow else {}
         callback = build(node, **extra)
@@ -104,12 +115,16 @@ def instantiate_callbacks(
     return callbacks
 
 
-def instantiate_trainer(cfg: DictConfig, callbacks: dict, loggers: list, last_ckpt) -> L.Trainer:
+def instantiate_trainer(
+    cfg: DictConfig, callbacks: dict, loggers: list, last_ckpt, validates: bool = True
+) -> L.Trainer:
     """``cfg.trainer`` with the callbacks, the loggers (and the callbacks they need: the W&B
     run id in checkpoints, the last step logged), atomic checkpoint writes, and in a SLURM job
-    of ``hydra/launcher=slurm`` the requeue at its time limit (resuming from ``last_ckpt``)."""
+    of ``hydra/launcher=slurm`` the requeue at its time limit (resuming from ``last_ckpt``).
+    ``validates=False``: no validation loop (not an empty one each epoch)."""
     return build(
         cfg.trainer,
+        **({} if validates else {"limit_val_batches": 0}),
         logger=loggers or False,
         callbacks=[
             *callbacks.values(),

@@ -52,11 +52,12 @@ def run(cfg: DictConfig) -> dict:
         if not algo.uses_engine:
             record.update(engine=None)
         ckpt_path = checked_resume_path(cfg, settings)
-        callbacks = instantiate_callbacks(cfg, algo.task)
+        validates = datamodule.val_episodes > 0
+        callbacks = instantiate_callbacks(cfg, algo.task, validates)
         record.stopper = interrupt_handler(cfg, callbacks)
         loggers = record.loggers = build_loggers(cfg, ckpt_path, build=build)
         trainer = record.trainer = instantiate_trainer(
-            cfg, callbacks, loggers, record.stopper.last_path
+            cfg, callbacks, loggers, record.stopper.last_path, validates
         )
 
         fit(trainer, algo, datamodule, ckpt_path, record.stopper, callbacks)
@@ -64,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
         if record.stopper.requested or record.stopper.terminated:  # saved where it stopped
             by = "SIGTERM" if record.stopper.terminated else "Ctrl-C"
             return record.stopped(f"interrupted ({by}) at step {trainer.global_step}")
-        if not algo.validated and datamodule.val_episodes and trainer.limit_val_batches:
+        if not algo.validated and validates and trainer.limit_val_batches:
             validate_final_weights(cfg, trainer, algo, datamodule)
             record.best = last_checkpoint(callbacks) or record.best  # the weights just validated
         if cfg.get("test", True):
