@@ -83,13 +83,16 @@ def test_omniglot_resized_from_105_equals_the_28_files(tmp_path, data_root, omni
 
 def test_omniglot_binary_resize_gives_the_reference_codes_images(data_root, omniglot):
     # data.resize=binary: the MAML and ProtoNet reference codes open the 1-bit PNGs with Pillow
-    # and resize them as 1-bit images. Computed independently, as the data README says.
+    # and resize them as 1-bit images, which Pillow does by nearest neighbour even when asked
+    # for LANCZOS (as MAML's resize script asks). Computed independently, as the README says.
     binary = load_omniglot(data_root, resize="binary")
     with np.load(data_root / "omniglot" / "images_evaluation.npz") as f:
         originals, labels = f["images"], f["labels"]
     first = originals[labels == 0]  # paper = 255
     expected = [255 - 255 * np.asarray(Image.fromarray(a == 255).resize((28, 28))) for a in first]
     assert np.array_equal(binary.test.images[0], np.stack(expected).astype(np.uint8))
+    asked_lanczos = Image.fromarray(first[0] == 255).resize((28, 28), Image.LANCZOS)
+    assert np.array_equal(255 - 255 * np.asarray(asked_lanczos), expected[0])
     assert set(np.unique(binary.train.images)) == {0, 255}
     assert binary.test.names == omniglot.test.names
     assert not np.array_equal(binary.test.images, omniglot.test.images)
