@@ -76,6 +76,24 @@ def test_the_last_step_of_a_fit_always_logs_train_metrics(
     assert all(r["train/acc_pre"] for r in rows)  # the logging-step diagnostics too
 
 
+def test_a_resumed_fit_logs_its_steps_right_after_the_checkpoints(tmp_path, data_root):
+    # the checkpoint is written at an epoch's end; resuming replayed that end and shifted the
+    # step axis by one per resume (6 steps logged 0..5, the resumed ones 7..12)
+    steps = []
+    for version, max_steps in enumerate((6, 12)):
+        resume = ["ckpt_path=last"] if version else []
+        common = ["logger=csv", "test=false", "data.batches_per_epoch=3"]
+        cfg = metalearn.compose(
+            tiny(tmp_path, data_root, *common, f"trainer.max_steps={max_steps}", *resume)
+        )
+        cfg.trainer.log_every_n_steps = 1
+        run(cfg)
+        path = tmp_path / "csv" / f"version_{version}" / "metrics.csv"
+        rows = list(csv.DictReader(path.open()))
+        steps.append([int(r["step"]) for r in rows if r["train/loss"]])
+    assert steps == [list(range(6)), list(range(6, 12))]
+
+
 def test_wandb_logs_the_config_nested_with_entity_and_job_type(tmp_path, data_root):
     cfg = metalearn.compose(tiny(tmp_path, data_root, "logger=wandb", "+logger.wandb.notes=x"))
     cfg.logger.wandb.entity = "my-team"

@@ -202,7 +202,11 @@ def build_loggers(cfg: DictConfig, ckpt_path: str | None = None, build=None) -> 
 def logger_callbacks(loggers) -> list:
     """Callbacks the loggers need: the W&B run id in each checkpoint, the last step logged."""
     wandb_runs = [lg for lg in loggers if isinstance(lg, WandbLogger)]
-    return [LogLastStep(), *([WandbRunInCheckpoint(wandb_runs[0])] if wandb_runs else [])]
+    return [
+        LogLastStep(),
+        StepAxisAfterResume(),
+        *([WandbRunInCheckpoint(wandb_runs[0])] if wandb_runs else []),
+    ]
 
 
 class WandbRunInCheckpoint(L.Callback):
@@ -255,6 +259,27 @@ class LogLastStep(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore(trainer)
+
+
+class StepAxisAfterResume(L.Callback):
+    """A resumed fit logs its first step right after the checkpoint's last, not one later.
+
+    A checkpoint written at an epoch's end is resumed by replaying that epoch's end, which
+    counts one more logging step (Lightning's ``_batches_that_stepped``) than was trained: each
+    resume shifted the CSV/TensorBoard/W&B step axis by one. The first batch after a restore
+    puts back the count the checkpoint holds."""
+
+    def __init__(self) -> None:
+        self._restored: int | None = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        self._restored = loop.get("_batches_that_stepped")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._restored is not None:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self._restored
+            self._restored = None
 
 
 def final_step(trainer) -> int | None:
