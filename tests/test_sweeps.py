@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from metalearn.checks import check_sweep_objective
+from metalearn.errors import ConfigError
 from metalearn.report import frame, report
-from tests.helpers import REPO, read_offline_run
+from tests.helpers import REPO, compose_cfg, read_offline_run
 
 TINY = [
     "model.channels=8",
@@ -203,6 +205,17 @@ def test_optuna_trials_evaluate_with_the_inner_steps_they_trained_with(algo):
     cfg = OmegaConf.merge(cfg, {"algo": search.algo})
     cfg.algo.inner_steps = 4  # what the sweeper passes a trial: algo.inner_steps=4
     assert cfg.algo.inner_steps_test == 4
+
+
+def test_an_optuna_search_without_validation_is_refused_before_any_trial(tmp_path):
+    """Optuna ranks trials by val/acc_best: with data.val_episodes=0 every trial returned
+    nothing and failed. The check sees the job's sweeper target (the Optuna plugin's)."""
+    target = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    cfg = compose_cfg(tmp_path, ["data.val_episodes=0"], tiny=False)
+    with pytest.raises(ConfigError, match="data.val_episodes=0 validates nothing: set data"):
+        check_sweep_objective(cfg, target)
+    check_sweep_objective(compose_cfg(tmp_path, [], tiny=False), target)  # validates: fine
+    check_sweep_objective(cfg, "hydra._internal.core_plugins.basic_sweeper.BasicSweeper")
 
 
 # ---- GPU pool bookkeeping (no GPU needed) ----------------------------------------------------

@@ -29,6 +29,27 @@ def validate_config(cfg: DictConfig) -> None:
             "trainer.inference_mode must be false: adaptation at validation/test needs "
             "gradients (set trainer.inference_mode=false)"
         )
+    check_sweep_objective(cfg, sweeper_target())
+
+
+def sweeper_target() -> str | None:
+    """The Hydra sweeper's _target_ of this job (None outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().sweeper.get("_target_")
+    except ValueError:
+        return None
+
+
+def check_sweep_objective(cfg: DictConfig, sweeper: str | None) -> None:
+    """An optimising sweeper (Optuna) ranks trials by the validation metric: a trial that
+    validates nothing would return no value and fail every time."""
+    if sweeper and "optuna" in sweeper.lower() and cfg.data.get("val_episodes", 1) == 0:
+        raise ConfigError(
+            "hparams_search ranks trials by their best validation score, but data.val_episodes=0 "
+            "validates nothing: set data.val_episodes (e.g. 200)"
+        )
 
 
 # Presets that pick settings from a table by a key: (table in the config, the key, its name).
