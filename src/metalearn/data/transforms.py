@@ -58,10 +58,15 @@ def resize_lanczos(images: np.ndarray, size: int) -> np.ndarray:
         return images
     from PIL import Image
 
+    return resize_pillow(images, size, Image.LANCZOS)
+
+
+def resize_pillow(images: np.ndarray, size: int, resample) -> np.ndarray:
+    """uint8 [..., H, W] to size x size, each image by Pillow's ``resample`` filter."""
+    from PIL import Image
+
     flat = images.reshape(-1, *images.shape[-2:])
-    out = np.stack(
-        [np.asarray(Image.fromarray(x).resize((size, size), Image.LANCZOS)) for x in flat]
-    )
+    out = np.stack([np.asarray(Image.fromarray(x).resize((size, size), resample)) for x in flat])
     return out.reshape(*images.shape[:-2], size, size)
 
 
@@ -86,11 +91,7 @@ def resize_binary(images: np.ndarray, size: int) -> np.ndarray:
     reference codes of MAML and Prototypical Networks). Polarity-symmetric."""
     from PIL import Image
 
-    flat = images.reshape(-1, *images.shape[-2:]) >= 128
-    out = np.stack(
-        [np.asarray(Image.fromarray(x).resize((size, size), Image.NEAREST)) for x in flat]
-    )
-    return (out.astype(np.uint8) * 255).reshape(*images.shape[:-2], size, size)
+    return resize_pillow(np.where(images >= 128, 255, 0).astype(np.uint8), size, Image.NEAREST)
 
 
 RESIZERS = {"lanczos": resize_lanczos, "bilinear": resize_bilinear, "binary": resize_binary}
