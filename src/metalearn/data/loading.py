@@ -43,6 +43,19 @@ class StepSampler(Sampler[int]):
         return iter(range(start, start + self.length))
 
 
+class StepKeyedLoader(DataLoader):
+    """The training loader, resumable in Lightning's sense with nothing to restore: its
+    ``StepSampler`` starts from the Trainer's global step, which the checkpoint holds. (A
+    loader without ``state_dict`` makes Lightning warn, on every mid-epoch resume, that the
+    resume "can cause unreliable results".)"""
+
+    def state_dict(self) -> dict:
+        return {"batches_keyed_by": "global_step"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 def eval_share(
     split: str, episodes: int, rank: int, world_size: int, sources: int | None = None
 ) -> np.ndarray:
@@ -72,7 +85,7 @@ class EpisodeLoaders:
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
-        return self._loader(dataset, StepSampler(len(dataset), self._trainer_step))
+        return self._loader(dataset, StepSampler(len(dataset), self._trainer_step), StepKeyedLoader)
 
     def _trainer_step(self) -> int | None:
         trainer = getattr(self, "trainer", None)
@@ -84,9 +97,11 @@ class EpisodeLoaders:
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("test"))
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset, sampler: Sampler | None = None, loader=DataLoader
+    ) -> DataLoader:
         workers = self.workers()
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=None,
             sampler=sampler,
