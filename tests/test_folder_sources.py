@@ -248,3 +248,47 @@ def test_augmentation_is_keyed_by_the_batch_and_off_by_default(data_root):
     assert again.support_x.equal(b.support_x) and again.query_x.equal(b.query_x)
     assert not augmented.train_dataset()[6].support_x.equal(b.support_x)
     assert not plain.augment.active
+
+
+def write_photos(data_root: Path, root: Path, sideways: bool) -> Path:
+    """Ten classes of three non-square mini-ImageNet crops (84x63, lossless PNG). ``sideways``:
+    stored as a camera stores photos it took turned, with the EXIF Orientation tag that
+    viewers apply (6: turn 90 degrees clockwise, 8: anticlockwise, 3: half a turn)."""
+    turn = Image.Transpose
+    turns = {6: turn.ROTATE_90, 8: turn.ROTATE_270, 3: turn.ROTATE_180}
+    jpegs = sorted((data_root / "miniimagenet" / "images").iterdir())[:30]
+    for k, jpeg in enumerate(jpegs):
+        with Image.open(jpeg) as im:
+            photo = im.convert("RGB").crop((0, 0, 84, 63))
+        folder = root / f"class{k // 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if sideways:
+            tag = (6, 8, 3)[k % 3]
+            exif = Image.Exif()
+            exif[0x0112] = tag
+            photo.transpose(turns[tag]).save(folder / f"{k}.png", exif=exif)
+        else:
+            photo.save(folder / f"{k}.png")
+    return root
+
+
+def test_photos_stored_sideways_with_exif_orientation_are_read_upright(data_root, tmp_path):
+    """Training on a folder, its cache and adapting to a user's photos all see a phone's photo
+    as image viewers show it, not as the sensor stored it."""
+    from metalearn.data.transforms import Preprocessing, prepare
+
+    upright = write_photos(data_root, tmp_path / "upright", sideways=False)
+    phone = write_photos(data_root, tmp_path / "phone", sideways=True)
+    with Image.open(phone / "class0" / "0.png") as im:
+        assert im.size == (63, 84)  # stored sideways
+    with pytest.raises(DataError, match="are 84x63, not square"):  # one size, once upright
+        load_folder(phone, image_size=None, fractions=[0.6, 0.2, 0.2])
+    a = load_folder(upright, image_size=32, fractions=[0.6, 0.2, 0.2])
+    b = load_folder(phone, image_size=32, fractions=[0.6, 0.2, 0.2])
+    for s in SPLIT_NAMES:
+        np.testing.assert_array_equal(getattr(a, s).pixels, getattr(b, s).pixels)
+    spec = Preprocessing(source="folder", image_size=32, channels=3, resize="lanczos")
+    files = sorted((phone / "class0").iterdir())
+    torch.testing.assert_close(
+        prepare(files, spec), prepare(sorted((upright / "class0").iterdir()), spec), rtol=0, atol=0
+    )

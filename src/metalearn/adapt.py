@@ -32,8 +32,9 @@ Usage:  python -m metalearn.adapt ckpt=<file> support=<dir> query=<dir> [option=
   head_init=  auto (default), prototypes or zeros: how a MAML/Reptile model's N-way head
               starts when the support set has another number of classes (docs/adapt.md)
 
-Images: PNG, JPEG, BMP, WebP, ... of any size, grayscale or colour; each is converted as the
-model's training data was (size, channels, polarity). The queries are scored as one batch.
+Images: PNG, JPEG, BMP, WebP, ... of any size, grayscale or colour, turned upright by their
+EXIF orientation (as phones store photos); each is converted as the model's training data was
+(size, channels, polarity). The queries are scored as one batch.
 
 Example:
   python -m metalearn.adapt ckpt=outputs/train/runs/2026-11-30/12-00-00/checkpoints/last.ckpt \\
@@ -125,12 +126,12 @@ def write_csv(path: Path, files, truth, prediction) -> None:
 
 def thumbnail(path: Path):
     import numpy as np
-    from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        im.thumbnail((96, 96))
-        return np.asarray(im)
+    from metalearn.data.transforms import to_pil
+
+    im = to_pil(path, str(path)).convert("RGB")  # upright, as the model saw it
+    im.thumbnail((96, 96))
+    return np.asarray(im)
 
 
 MAX_QUERIES_DRAWN = 100

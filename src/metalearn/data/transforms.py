@@ -128,8 +128,11 @@ def one_image(array, channels: int) -> bool:
 
 
 def to_pil(image, name: str):
-    """A PIL image from a path, a PIL image, or an array/tensor (uint8 0..255, or float 0..1)."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL image from a path, a PIL image, or an array/tensor (uint8 0..255, or float 0..1).
+
+    A file is read the way image viewers show it: a camera stores a portrait photo sideways
+    with an EXIF Orientation tag, which is applied here."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(image, Image.Image):
         return image
@@ -137,7 +140,7 @@ def to_pil(image, name: str):
         try:
             with Image.open(image) as im:
                 im.load()
-                return im
+                return ImageOps.exif_transpose(im)
         except FileNotFoundError as err:
             raise DataError(f"{image}: no such image file") from err
         except (UnidentifiedImageError, OSError, ValueError) as err:

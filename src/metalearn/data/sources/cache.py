@@ -23,7 +23,7 @@ from metalearn.data.transforms import Preprocessing, convert, decode
 from metalearn.errors import DataError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied
 
 
 def cache_key(files: list[Path], root: Path, settings: dict) -> str:
@@ -74,10 +74,14 @@ def decode_all(files: list[Path], image_size: int | None, channels: int, files_s
     if image_size is None:
         sizes = sorted({im.shape[1:] for im in decoded})
         if len(sizes) != 1 or sizes[0][0] != sizes[0][1]:
-            shown = ", ".join(f"{w}x{h}" for h, w in sizes[:4])
+            shown = ", ".join(f"{w}x{h}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
+            what = (
+                f"the images are {shown}, not square"
+                if len(sizes) == 1
+                else f"the images have {len(sizes)} sizes ({shown})"
+            )
             raise DataError(
-                f"the images have {len(sizes)} sizes ({shown}{' ...' if len(sizes) > 4 else ''})"
-                ": set data.image_size (e.g. 84) to resize them all to one square size"
+                f"{what}: set data.image_size (e.g. 84) to resize them all to one square size"
             )
         image_size = sizes[0][0]
     spec = Preprocessing("folder", int(image_size), channels, **files_spec)
