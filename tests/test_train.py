@@ -527,6 +527,19 @@ def test_ckpt_path_last_and_auto_resume_in_the_run_directory(tmp_path, data_root
     assert again["steps"] == 5
 
 
+def test_ckpt_path_auto_on_a_finished_run_tests_its_best_checkpoint_again(tmp_path, data_root):
+    """A partly finished sweep rerun with ckpt_path=auto reruns its finished jobs too: their fit
+    trains nothing, so nothing is validated again and the best checkpoint is the one tested."""
+    overrides = ["ckpt_path=auto", "trainer.max_steps=4"]
+    first = run(compose_cfg(tmp_path, overrides))
+    assert len(first["curve"]) == 2 and not first["best_checkpoint"].endswith("last.ckpt")
+    again = run(compose_cfg(tmp_path, overrides))
+    assert again["steps"] == 4 and again["curve"] == first["curve"]
+    assert again["best_checkpoint"] == first["best_checkpoint"]
+    assert again["test/acc"] == first["test/acc"]
+    assert again["val/acc_best"] == first["val/acc_best"]
+
+
 def test_trainval_preset_trains_on_1200_characters_without_validation_and_tests_the_last_weights(
     tmp_path, data_root
 ):

@@ -65,7 +65,8 @@ def run(cfg: DictConfig) -> dict:
         if record.stopper.requested or record.stopper.terminated:  # saved where it stopped
             by = "SIGTERM" if record.stopper.terminated else "Ctrl-C"
             return record.stopped(f"interrupted ({by}) at step {trainer.global_step}")
-        if not algo.validated and trainer.limit_val_batches:  # 0 when nothing validates
+        # 0 when nothing validates; a finished run resumed trains nothing: its best stands
+        if not algo.validated and trainer.limit_val_batches and (algo.trained or not algo.history):
             validate_final_weights(cfg, trainer, algo, datamodule)
             record.best = last_checkpoint(callbacks) or record.best  # the weights just validated
         if cfg.get("test", True):

@@ -104,7 +104,7 @@ class EpisodicModule(L.LightningModule):
         self.preprocessing: dict | None = None  # how images become inputs (data/transforms.py)
         self._eval_accs: list[torch.Tensor] = []  # per batch: [B, 3] (acc, ways, shots)
         self.test_by_episode: dict | None = None  # varying shapes: each test episode's
-        self._first_step = 0  # the first outer step of this fit
+        self._first_step: int | None = None  # the first outer step of this fit (None: none)
         self._log_step = True  # whether this training step logs (see log_train)
 
     # ---- the kind of task: loss and metric (set from the data by train.run) -------------
@@ -236,6 +236,12 @@ class EpisodicModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._first_step = self.global_step
+
+    @property
+    def trained(self) -> bool:
+        """Whether this process's fit ran (Lightning skips the fit of a run resumed at its
+        ``trainer.max_steps``: a finished run's rerun trains nothing)."""
+        return self._first_step is not None
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._log_step = self.logging_step() or self.global_step == self._first_step
