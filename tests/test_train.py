@@ -270,8 +270,19 @@ def test_ctrl_c_in_a_sweep_stops_the_sweep_and_says_how_to_resume(tmp_path, data
     (job,) = [p.parent for p in sweep.glob("*/metrics.json")]  # the second job never started
     metrics = json.loads((job / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and metrics["steps"] == 1
-    assert f"ckpt_path={metrics['resume_from']}" in proc.stderr
     assert Path(metrics["resume_from"]).exists()
+    # the advice resumes the sweep, each job from its own last.ckpt (one ckpt_path= for the
+    # whole sweep would start every job from this job's checkpoint)
+    advice = f"add hydra.sweep.dir={sweep} ckpt_path=auto to the same command"
+    assert advice in proc.stderr and f"ckpt_path={metrics['resume_from']}" not in proc.stderr
+    resume = [sys.executable, str(REPO / "train.py"), *cmd[2:], f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(
+        [*resume, "ckpt_path=auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    assert [(m["seed"], m["status"], m["steps"]) for m in jobs] == [(1, "ok", 2), (2, "ok", 2)]
+    assert jobs[0]["curve"][0] == metrics["curve"][0]  # continued, not started again
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, data_root, monkeypatch):

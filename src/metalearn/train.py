@@ -121,13 +121,34 @@ def last_checkpoint(callbacks: dict) -> str | None:
 
 
 def in_multirun() -> bool:
+    return sweep_dir() is not None
+
+
+def sweep_dir() -> str | None:
+    """The sweep's directory when this run is a job of one (``-m``), else None."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        return HydraConfig.get().mode == RunMode.MULTIRUN
+        hc = HydraConfig.get()
     except ValueError:
-        return False
+        return None
+    return str(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+
+
+def resume_advice(resume: str) -> str:
+    """How to continue an interrupted run. A sweep resumes as a whole, each job from its own
+    last.ckpt: one ``ckpt_path=`` added to the sweep's command would start every job from
+    this job's checkpoint, over the finished jobs' results."""
+    sweep = sweep_dir()
+    if sweep is not None:
+        return (
+            f"Resume the sweep: add hydra.sweep.dir={sweep} ckpt_path=auto to the same command"
+            " (each job continues from its own last.ckpt; finished jobs are only tested again)"
+        )
+    if resume:
+        return f"Resume: add ckpt_path={resume} to the same command"
+    return "No checkpoint was written yet."
 
 
 def main(cfg: DictConfig) -> float | None:
@@ -158,16 +179,8 @@ def main(cfg: DictConfig) -> float | None:
             exit_without_finalizers(1)
         raise SystemExit(1) from None
     if metrics["status"] == "interrupted":  # Ctrl-C or SIGTERM: stop a sweep too
-        resume = metrics["resume_from"]
-        print(
-            f"\nInterrupted at step {metrics['steps']}. "
-            + (
-                f"Resume: add ckpt_path={resume} to the same command"
-                if resume
-                else "No checkpoint was written yet."
-            ),
-            file=sys.stderr,
-        )
+        advice = resume_advice(metrics["resume_from"])
+        print(f"\nInterrupted at step {metrics['steps']}. {advice}", file=sys.stderr)
         raise SystemExit(143 if "SIGTERM" in metrics["error"] else 130)
     return metrics.get(f"val/{metrics.get('metric', 'acc')}_best")
 
