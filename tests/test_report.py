@@ -162,6 +162,20 @@ def test_cli_prints_table_and_failures(tree, capsys, monkeypatch):
     assert not (tree / "out" / "learning_curves.png").exists()
 
 
+def test_a_metric_no_run_has_is_one_message_naming_the_ones_they_have(tree, tmp_path):
+    # a typo would otherwise write a table of n/a cells, as if the runs had no results
+    with pytest.raises(SystemExit, match="--metric test/accuracy: no successful run") as err:
+        main([str(tree), "--metric", "test/accuracy", "--out", str(tmp_path / "out")])
+    assert "use one of: --metric test/acc, --metric val/acc_best" in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing written
+    # runs trained with test=false have no test/acc: the message names val/acc_best
+    untested = tmp_path / "untested"
+    write_run(untested, "0", **{"test/acc": None, "test/acc_ci95": None})
+    with pytest.raises(SystemExit, match=r"test/acc: .* use one of: --metric val/acc_best$"):
+        report(untested, echo=False, plot=False)
+    assert report(untested, metric="val/acc_best", echo=False, plot=False)["rows"]
+
+
 def test_t_interval_uses_student_t_quantiles():
     def expect(values, t):
         n, mean = len(values), sum(values) / len(values)

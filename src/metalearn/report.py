@@ -743,6 +743,7 @@ def report(
         raise SystemExit(f"no metrics.json (and no Hydra job directory) under {root}")
     debug = [r for r in runs if r.debug]
     runs = [r for r in runs if not r.debug]
+    check_metric(runs, metric, root)
     out.mkdir(parents=True, exist_ok=True)
     rows, cols, cells = table(runs, metric)
     failures = [r for r in runs if not r.ok]
@@ -774,6 +775,27 @@ def report(
         "failures": failures,
         "files": files,
     }
+
+
+def check_metric(runs: list[Run], metric: str, root: Path) -> None:
+    """Stop before writing anything when no successful run has ``metric`` (a typo, or
+    test/acc of runs with test=false): a table of n/a cells would look like missing results."""
+    ok = [r for r in runs if r.ok]
+    if not ok or any(r.get(r.key(metric)) is not None for r in ok):
+        return
+    numbers = (int, float)
+    found = sorted(
+        {
+            k
+            for r in ok
+            for k, v in r.metrics.items()
+            if "/" in k and "_ci95" not in k and isinstance(v, numbers) and not isinstance(v, bool)
+        }
+    )
+    raise SystemExit(
+        f"--metric {metric}: no successful run under {root} has it; "
+        f"use one of: {', '.join(f'--metric {k}' for k in found) or '(none recorded)'}"
+    )
 
 
 def left_out(debug: list[Run]) -> str:
