@@ -221,6 +221,29 @@ def test_signal_stops_after_the_step_and_resumes_exactly(
     assert straight["steps"] == 6 and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_resumed_in_a_new_directory_stands_for_the_interrupted_one_in_the_report(
+    tmp_path, data_root, monkeypatch, capsys
+):
+    # Ctrl-C, then the printed ckpt_path= added to the same command (a new run directory):
+    # the report shows the resumed run's result, not an interrupted run counted as failed.
+    from metalearn.algorithms.base import EpisodicModule
+    from metalearn.report import report
+
+    common = ["data.batches_per_epoch=3", "trainer.max_steps=6"]
+    with monkeypatch.context() as patch:
+        patch.setattr(EpisodicModule, "on_train_batch_end", signal_at(4, signal.SIGINT))
+        stopped = run_with(tmp_path / "a", data_root, *common)
+    ckpt = stopped["resume_from"]
+    resumed = run_with(tmp_path / "b", data_root, *common, f"ckpt_path={ckpt}")
+    assert resumed["status"] == "ok" and resumed["resumed_from"] == str(Path(ckpt).resolve())
+    result = report(tmp_path, plot=False)
+    assert not result["failures"] and [r.dir.name for r in result["runs"]] == ["b"]
+    (cell,) = result["cells"].values()
+    assert cell.text() == f"{100 * resumed['test/acc']:.1f} ± {100 * resumed['test/acc_ci95']:.1f}"
+    line = "left out 1 unfinished run resumed in another directory (a -> b)"
+    assert line in capsys.readouterr().out and line in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_while_testing_keeps_the_training_results(tmp_path, data_root, monkeypatch, signum):
     from lightning.pytorch.utilities.exceptions import SIGTERMException

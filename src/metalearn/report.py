@@ -31,7 +31,9 @@ bin's mean ± 95 % CI over its episodes, with the count of episodes; also ``by_s
 Failed jobs: a ``metrics.json`` with ``status: failed`` (or ``interrupted``: Ctrl-C) and its
 ``error``; a training job's directory (one with ``.hydra/``) without ``metrics.json`` (killed,
 out of memory, still running) shows the last error line of its log. Directories of other
-commands (``show_episode``, which writes no metrics) are not jobs.
+commands (``show_episode``, which writes no metrics) are not jobs. An unfinished run that a run
+in another directory resumed (``resumed_from`` in that one's metrics.json) is left out: the
+resumed run stands for it; one line says so.
 
 Debugging runs (``debug=fdr|limit|...`` or a hand-set ``trainer.fast_dev_run``: ``debug`` in
 their metrics.json) are left out of the table, the curves and the failures; one line says so.
@@ -742,7 +744,8 @@ def report(
     if not runs:
         raise SystemExit(f"no metrics.json (and no Hydra job directory) under {root}")
     debug = [r for r in runs if r.debug]
-    runs = [r for r in runs if not r.debug]
+    continued = continued_elsewhere(runs)
+    runs = [r for r in runs if not r.debug and r.dir not in continued]
     check_metric(runs, metric, root)
     out.mkdir(parents=True, exist_ok=True)
     rows, cols, cells = table(runs, metric)
@@ -754,6 +757,7 @@ def report(
         with_instance_table(text, runs)
         + (f"\n{cross}" if cross else "")
         + (f"\n{left_out(debug)}\n" if debug else "")
+        + (f"\n{left_out_continued(continued, root)}\n" if continued else "")
     )
     write_csv(files["csv"], rows, cols, cells, metric)
     if write_cross_domain_csv(out / "cross_domain.csv", runs):
@@ -766,6 +770,8 @@ def report(
         print_report(rows, cols, cells, failures, metric, root, files, runs)
         if debug:
             print(left_out(debug))
+        if continued:
+            print(left_out_continued(continued, root))
     return {
         "runs": runs,
         "debug": debug,
@@ -775,6 +781,25 @@ def report(
         "failures": failures,
         "files": files,
     }
+
+
+def continued_elsewhere(runs: list[Run]) -> dict[Path, Run]:
+    """Unfinished runs (interrupted, failed, killed) that a run in another directory resumed
+    from their checkpoints (``resumed_from`` in its metrics.json): their directory -> that run,
+    which stands for them (a Ctrl-C, then the printed ``ckpt_path=`` in a new run directory)."""
+    by_dir = {}
+    for r in runs:
+        resumed = r.get("resumed_from")
+        if resumed and Path(resumed).parent.parent != r.dir.resolve():
+            by_dir[Path(resumed).parent.parent] = r
+    return {r.dir: by_dir[r.dir.resolve()] for r in runs if not r.ok and r.dir.resolve() in by_dir}
+
+
+def left_out_continued(continued: dict[Path, Run], root: Path) -> str:
+    """One line on the unfinished runs left out because another run continued them."""
+    pairs = ", ".join(f"{_rel(a, root)} -> {_rel(b.dir, root)}" for a, b in continued.items())
+    n = len(continued)
+    return f"left out {n} unfinished run{'s' * (n != 1)} resumed in another directory ({pairs})"
 
 
 def check_metric(runs: list[Run], metric: str, root: Path) -> None:

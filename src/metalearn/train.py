@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import types
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -52,6 +53,8 @@ def run(cfg: DictConfig) -> dict:
         if not algo.uses_engine:
             record.update(engine=None)
         ckpt_path = checked_resume_path(cfg, settings)
+        if ckpt_path:  # the report leaves out the unfinished run this one continues
+            record.update(resumed_from=str(Path(ckpt_path).resolve()))
         validates = datamodule.val_episodes > 0
         callbacks = instantiate_callbacks(cfg, algo.task, validates)
         record.stopper = interrupt_handler(cfg, callbacks)
