@@ -208,6 +208,18 @@ def test_cell_counts_failed_seeds(tmp_path):
     }
 
 
+def test_a_cell_whose_runs_repeat_a_seed_is_not_called_n_seeds(tmp_path):
+    # the same sweep reported twice (or run twice): two runs, one seed, no spread across seeds
+    write_run(tmp_path / "a", "0", seed=42, **{"test/acc": 0.90})
+    write_run(tmp_path / "b", "0", seed=42, **{"test/acc": 0.90})
+    write_run(tmp_path / "b", "1", shots=5, seed=1, **{"test/acc": 0.90})
+    write_run(tmp_path / "b", "2", shots=5, seed=2, **{"test/acc": 0.92})
+    out = report(tmp_path, echo=False, plot=False)
+    texts = {col: cell.text() for (_, col), cell in out["cells"].items()}
+    assert texts == {(5, 1): "90.0 ± 0.0 (n=2 runs, 1 seed)", (5, 5): "91.0 ± 12.7 (n=2 seeds)"}
+    assert "(n=K runs, S seeds): some runs repeat a seed" in (tmp_path / "results.md").read_text()
+
+
 def test_curve_band_is_t_interval_across_runs(tmp_path):
     def run(name, seed, accs, ci):
         curve = [{"epoch": e, "val/acc": a, "val/acc_ci95": ci} for e, a in enumerate(accs)]

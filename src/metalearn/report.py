@@ -339,7 +339,8 @@ def legend(metric: str, regression: bool = False) -> str:
         f"{mse if regression else ''}"
         "A cell without (n=…) is one run ± its CI over the test episodes; "
         "a cell with (n=K seeds) is the mean of K runs ± the Student t CI of that mean across "
-        "runs (t_0.975,K-1 · std / √K); k failed: runs of the cell that failed, left out."
+        "runs (t_0.975,K-1 · std / √K); (n=K runs, S seeds): some runs repeat a seed; "
+        "k failed: runs of the cell that failed, left out."
     )
 
 
@@ -392,9 +393,18 @@ class Cell:
         out = f"{scale * self.mean:.{digits}f}" + (
             "" if ci is None else f" ± {scale * ci:.{digits}f}"
         )
-        notes = [f"n={self.n} seeds"] if self.n > 1 else []
+        notes = [runs_note(self.ok_runs)] if self.n > 1 else []
         notes += [f"{self.failed} failed"] if self.failed else []
         return out + (f" ({', '.join(notes)})" if notes else "")
+
+
+def runs_note(runs: list[Run]) -> str:
+    """``n=K seeds``; ``n=K runs, S seeds`` where runs repeat a seed (the same sweep run twice):
+    their spread is then not the spread across seeds."""
+    seeds = len({str(r.get("seed")) for r in runs})
+    if seeds == len(runs):
+        return f"n={len(runs)} seeds"
+    return f"n={len(runs)} runs, {seeds} seed{'s' * (seeds != 1)}"
 
 
 def table(runs: list[Run], metric: str = "test/acc") -> tuple[list, list, dict]:
@@ -664,7 +674,7 @@ def curves_figure(runs: list[Run]):
             scale = 100 if m_name == "acc" else 1
             tests = [r.get(f"test/{m_name}") for r in group if r.get(f"test/{m_name}") is not None]
             n = len(group)
-            label = f"{shots}-shot" + (f", n={n} seeds" if n > 1 else "")
+            label = f"{shots}-shot" + (f", {runs_note(group)}" if n > 1 else "")
             if tests:
                 mean_test = sum(tests) / len(tests)
                 shown = f"{100 * mean_test:.1f} %" if scale == 100 else f"{mean_test:.3f}"
