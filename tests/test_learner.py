@@ -134,6 +134,23 @@ def test_adapt_rejects_bad_support_sets(tmp_path, data_root):
         learner.adapt(x, ["a", "b"])
 
 
+def test_adapt_takes_an_episodes_label_tensor_as_its_values(tmp_path, data_root):
+    """support_y as a tensor (or array): 3 classes, as with the same labels in a list (a
+    tensor's elements hash by identity, so each image would be a class of its own)."""
+    metrics, _ = trained(tmp_path, "protonet")
+    learner = load(metrics["best_checkpoint"])
+    with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
+        images, labels = f["images"], f["labels"]
+    x = np.concatenate([images[labels == c][:2] for c in range(3)])
+    q = np.concatenate([images[labels == c][5:7] for c in range(3)])
+    expected = learner.adapt(x, [0, 0, 1, 1, 2, 2]).predict(q)
+    for y in (torch.tensor([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 1, 2, 2])):
+        prediction = learner.adapt(x, y).predict(q)
+        assert prediction.classes == [0, 1, 2] and prediction.labels == expected.labels
+        assert all(type(c) is int for c in prediction.classes)
+        torch.testing.assert_close(prediction.probs, expected.probs, rtol=0, atol=0)
+
+
 def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):
     """A user's image in the source's own file format (105x105, black on white paper) gets
     exactly the conversion the source applies: the result is the 28x28 training data."""

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metalearn.algorithms import heads
@@ -241,13 +242,15 @@ def adapt(
     """Adapt ``learner`` to a support set: ``images[i]`` is an example of class ``labels[i]``.
 
     Any number of classes (>= 2) and of images per class. Class names may be any sortable
-    values; their sorted order is the index order of ``Prediction.probs``. ``invert`` overrides
-    the training source's polarity rule (see ``metalearn.data.transforms.prepare``).
+    values, in a list or a 1-D tensor/array (an episode's ``support_y``); their sorted order
+    is the index order of ``Prediction.probs``. ``invert`` overrides the training source's
+    polarity rule (see ``metalearn.data.transforms.prepare``).
     ``head_init``: how an N-way head starts for another number of classes
     (``metalearn.algorithms.heads``: auto, prototypes, zeros, trained).
     """
     heads.check_head_init(head_init)
-    labels = list(labels)
+    # a tensor's elements hash by identity (each its own class); plain values compare
+    labels = labels.tolist() if isinstance(labels, torch.Tensor | np.ndarray) else list(labels)
     notes: set = set()
     x = inputs(learner, images, invert, notes)
     if len(x) != len(labels):
