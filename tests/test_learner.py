@@ -166,6 +166,26 @@ def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
+def test_16_bit_and_float_grayscale_files_become_the_8_bit_pixels(data_root, tmp_path):
+    """A scanner's 16-bit PNG (Pillow mode I;16) or a float TIFF of a drawing is the same
+    drawing: scaled to 8 bits, not clipped at 255 (which made it a white page)."""
+    with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
+        originals = f["images"][:4]  # grey levels at the strokes' edges, paper = 255
+    spec = Preprocessing("omniglot", 28, 1, paper_white=True, resize="lanczos")
+    expected = prepare(list(originals), spec)
+    deep = []
+    for k, a in enumerate(originals):
+        Image.fromarray(a.astype(np.uint16) * 257).save(tmp_path / f"{k}.png")
+        Image.fromarray(a.astype(np.float32) / 255).save(tmp_path / f"{k}.tiff")
+        deep += [tmp_path / f"{k}.png", tmp_path / f"{k}.tiff"]
+    assert Image.open(deep[0]).mode == "I;16" and Image.open(deep[1]).mode == "F"
+    x = prepare(deep, spec)
+    torch.testing.assert_close(x[0::2], expected, rtol=0, atol=0)
+    torch.testing.assert_close(x[1::2], expected, rtol=0, atol=0)
+    arrays = prepare([a.astype(np.uint16) * 257 for a in originals], spec)  # the API's arrays
+    torch.testing.assert_close(arrays, expected, rtol=0, atol=0)
+
+
 def test_a_binary_resize_model_binarises_a_users_drawings_as_its_training_data(data_root):
     """A model trained with data.resize=binary (the reference codes' Omniglot) records it in
     its checkpoint, and a user's released PNGs then become exactly its training pixels."""
