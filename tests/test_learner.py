@@ -114,6 +114,14 @@ def test_load_names_what_is_wrong_with_a_file(tmp_path, data_root):
     cut.write_bytes(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load(cut)
+    # the run's own files that are not checkpoints: named as such, with the file to pass
+    run_dir = Path(metrics["best_checkpoint"]).parents[1]
+    with pytest.raises(CheckpointError, match="metrics.json is not a torch checkpoint"):
+        load(run_dir / "metrics.json")
+    best = Path(metrics["best_checkpoint"]).name
+    for folder in (run_dir, run_dir / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"is a folder: pass one of .*{best}"):
+            load(folder)
     newer = torch.load(metrics["best_checkpoint"], weights_only=True)
     newer["metalearn"]["format"] = 99
     torch.save(newer, tmp_path / "newer.ckpt")

@@ -43,6 +43,8 @@ class CheckpointError(MetalearnError, ValueError):
 def read_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint's contents, read without running code (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_message(path))
     if not path.is_file():
         raise CheckpointError(
             f"{path}: no such checkpoint (a run writes them to <run dir>/checkpoints/, e.g. "
@@ -51,6 +53,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip: this is another file
+            raise CheckpointError(
+                f"{path} is not a torch checkpoint: load a best-*.ckpt or last.ckpt from a "
+                "run's checkpoints/ folder"
+            ) from err
         raise CheckpointError(
             f"{path} was refused: it holds Python objects beyond tensors and plain data, which "
             "could run code when loaded. A metalearn checkpoint holds none; if you trust its "
@@ -67,6 +74,19 @@ def read_checkpoint(path, map_location="cpu") -> dict:
             "last.ckpt that `python train.py` wrote"
         )
     return ckpt
+
+
+def folder_message(folder: Path) -> str:
+    """What to pass instead of a run directory (or its checkpoints/ folder)."""
+    found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
+    if not found:
+        return (
+            f"{folder} is a folder without checkpoints: pass a checkpoint file, "
+            "<run dir>/checkpoints/best-*.ckpt or last.ckpt"
+        )
+    return f"{folder} is a folder: pass one of its checkpoints, e.g. " + " or ".join(
+        str(f) for f in found[:3]
+    )
 
 
 def unflatten(flat: dict) -> dict:
