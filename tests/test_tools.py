@@ -183,6 +183,13 @@ def test_bad_folders_get_one_message_and_nothing_is_written(tiny_ckpt, tmp_path,
     (empty / "giraffe").mkdir()
     (empty / "giraffe" / "1.png").write_bytes((flat / "a.png").read_bytes())
     fails(ConfigError, "giraffe names a class the support set does not have", query=empty)
+    fails(ConfigError, "a.png: is a file, not a folder", support=flat / "a.png")
+    fails(ConfigError, "a.png is a file: put the images to label in a folder", query=flat / "a.png")
+    taken = tmp_path / "taken"  # out= a file: refused before the model runs, the file kept
+    taken.write_text("kept")
+    with pytest.raises(ConfigError, match="out=.*taken is a file: out= names the folder"):
+        adapt_folders(tiny_ckpt, root / "support", root / "query", taken, show=False)
+    assert taken.read_text() == "kept"
 
     done = cli("metalearn.adapt", f"ckpt={tiny_ckpt}", f"support={flat}", f"query={root / 'query'}")
     assert done.returncode == 1 and "Traceback" not in done.stderr

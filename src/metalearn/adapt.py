@@ -49,7 +49,8 @@ def visible(folder: Path) -> list[Path]:
 def support_set(folder: Path) -> tuple[list[Path], list[str]]:
     """(files, class names) of support/<class>/<image>."""
     if not folder.is_dir():
-        raise ConfigError(f"support={folder}: no such folder (one sub-folder per class)")
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ConfigError(f"support={folder}: {what} (support= holds one sub-folder per class)")
     entries = visible(folder)
     classes = [p for p in entries if p.is_dir()]
     loose = [p.name for p in entries if p.is_file()]
@@ -80,6 +81,10 @@ def support_set(folder: Path) -> tuple[list[Path], list[str]]:
 
 def query_set(folder: Path, classes: list[str]) -> tuple[list[Path], list[str | None]]:
     """(files, true class or None) of query/<image> and query/<class>/<image>."""
+    if folder.is_file():
+        raise ConfigError(
+            f"query={folder} is a file: put the images to label in a folder and pass the folder"
+        )
     if not folder.is_dir():
         raise ConfigError(f"query={folder}: no such folder")
     files: list[Path] = []
@@ -227,6 +232,10 @@ def adapt_folders(ckpt, support, query, out=None, invert=None, head_init="auto",
     from metalearn.learner import load
 
     support, query = Path(support), Path(query)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(
+            f"out={out} is a file: out= names the folder predictions.csv and .png go to"
+        )
     support_files, support_labels = support_set(support)
     query_files, truth = query_set(query, sorted(set(support_labels)))
     learner = load(ckpt)
