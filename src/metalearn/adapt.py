@@ -46,6 +46,19 @@ def visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def class_images(folder: Path) -> list[Path]:
+    """The images of one class folder; a folder inside it is refused, not skipped (its images
+    would be silently left out). A broken link is kept: decoding names it."""
+    entries = visible(folder)
+    nested = [p for p in entries if p.is_dir()]
+    if nested:
+        raise ConfigError(
+            f"{nested[0]} is a folder inside the class folder {folder}: classes are one level "
+            f"deep, so move its images up into {folder}/ (or make it a class of its own)"
+        )
+    return entries
+
+
 def support_set(folder: Path) -> tuple[list[Path], list[str]]:
     """(files, class names) of support/<class>/<image>."""
     if not folder.is_dir():
@@ -53,7 +66,7 @@ def support_set(folder: Path) -> tuple[list[Path], list[str]]:
         raise ConfigError(f"support={folder}: {what} (support= holds one sub-folder per class)")
     entries = visible(folder)
     classes = [p for p in entries if p.is_dir()]
-    loose = [p.name for p in entries if p.is_file()]
+    loose = [p.name for p in entries if not p.is_dir()]
     if not classes:
         raise ConfigError(
             f"support={folder} has no class sub-folders: put each class's labelled images in "
@@ -71,7 +84,7 @@ def support_set(folder: Path) -> tuple[list[Path], list[str]]:
         )
     files, labels = [], []
     for c in classes:
-        images = [p for p in visible(c) if p.is_file()]
+        images = class_images(c)
         if not images:
             raise ConfigError(f"{c} is empty: put at least one labelled image of '{c.name}' in it")
         files += images
@@ -90,17 +103,17 @@ def query_set(folder: Path, classes: list[str]) -> tuple[list[Path], list[str | 
     files: list[Path] = []
     labels: list[str | None] = []
     for p in visible(folder):
-        if p.is_file():
+        if not p.is_dir():
             files.append(p)
             labels.append(None)
-        elif p.is_dir():
+        else:
             if p.name not in classes:
                 raise ConfigError(
                     f"query sub-folder {p} names a class the support set does not have (its "
                     f"classes: {', '.join(classes)}): rename it, or move its images up into "
                     f"{folder}/ if their labels are unknown"
                 )
-            inside = [q for q in visible(p) if q.is_file()]
+            inside = class_images(p)
             files += inside
             labels += [p.name] * len(inside)
     if not files:
