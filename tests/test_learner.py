@@ -114,6 +114,14 @@ def test_load_names_what_is_wrong_with_a_file(tmp_path, data_root):
     cut.write_bytes(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load(cut)
+    # the run's own files that are not checkpoints: named as such, with the file to pass
+    run_dir = Path(metrics["best_checkpoint"]).parents[1]
+    with pytest.raises(CheckpointError, match="metrics.json is not a torch checkpoint"):
+        load(run_dir / "metrics.json")
+    best = Path(metrics["best_checkpoint"]).name
+    for folder in (run_dir, run_dir / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"is a folder: pass one of .*{best}"):
+            load(folder)
     newer = torch.load(metrics["best_checkpoint"], weights_only=True)
     newer["metalearn"]["format"] = 99
     torch.save(newer, tmp_path / "newer.ckpt")
@@ -134,6 +142,23 @@ def test_adapt_rejects_bad_support_sets(tmp_path, data_root):
         learner.adapt(x, ["a", "b"])
 
 
+def test_adapt_takes_an_episodes_label_tensor_as_its_values(tmp_path, data_root):
+    """support_y as a tensor (or array): 3 classes, as with the same labels in a list (a
+    tensor's elements hash by identity, so each image would be a class of its own)."""
+    metrics, _ = trained(tmp_path, "protonet")
+    learner = load(metrics["best_checkpoint"])
+    with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
+        images, labels = f["images"], f["labels"]
+    x = np.concatenate([images[labels == c][:2] for c in range(3)])
+    q = np.concatenate([images[labels == c][5:7] for c in range(3)])
+    expected = learner.adapt(x, [0, 0, 1, 1, 2, 2]).predict(q)
+    for y in (torch.tensor([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 1, 2, 2])):
+        prediction = learner.adapt(x, y).predict(q)
+        assert prediction.classes == [0, 1, 2] and prediction.labels == expected.labels
+        assert all(type(c) is int for c in prediction.classes)
+        torch.testing.assert_close(prediction.probs, expected.probs, rtol=0, atol=0)
+
+
 def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):
     """A user's image in the source's own file format (105x105, black on white paper) gets
     exactly the conversion the source applies: the result is the 28x28 training data."""
@@ -147,6 +172,26 @@ def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):
     x = prepare(pils, spec)
     expected = torch.from_numpy(255 - small).float().div(255).unsqueeze(1)
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
+def test_16_bit_and_float_grayscale_files_become_the_8_bit_pixels(data_root, tmp_path):
+    """A scanner's 16-bit PNG (Pillow mode I;16) or a float TIFF of a drawing is the same
+    drawing: scaled to 8 bits, not clipped at 255 (which made it a white page)."""
+    with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
+        originals = f["images"][:4]  # grey levels at the strokes' edges, paper = 255
+    spec = Preprocessing("omniglot", 28, 1, paper_white=True, resize="lanczos")
+    expected = prepare(list(originals), spec)
+    deep = []
+    for k, a in enumerate(originals):
+        Image.fromarray(a.astype(np.uint16) * 257).save(tmp_path / f"{k}.png")
+        Image.fromarray(a.astype(np.float32) / 255).save(tmp_path / f"{k}.tiff")
+        deep += [tmp_path / f"{k}.png", tmp_path / f"{k}.tiff"]
+    assert Image.open(deep[0]).mode == "I;16" and Image.open(deep[1]).mode == "F"
+    x = prepare(deep, spec)
+    torch.testing.assert_close(x[0::2], expected, rtol=0, atol=0)
+    torch.testing.assert_close(x[1::2], expected, rtol=0, atol=0)
+    arrays = prepare([a.astype(np.uint16) * 257 for a in originals], spec)  # the API's arrays
+    torch.testing.assert_close(arrays, expected, rtol=0, atol=0)
 
 
 def test_a_binary_resize_model_binarises_a_users_drawings_as_its_training_data(data_root):

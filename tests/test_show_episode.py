@@ -92,6 +92,22 @@ def test_cli(data_root, tmp_path):
     assert out.stat().st_size > 1024
 
 
+def test_cli_bad_input_is_one_message(data_root, tmp_path):
+    env = dict(os.environ, METALEARN_DATA_DIR=str(data_root))
+    env.pop("HYDRA_FULL_ERROR", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "metalearn.show_episode", "split=tset", f"out={tmp_path / 'x.png'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "Error (ConfigError): split='tset': choose one of val, test, train" in run.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_cli_help_is_its_own():
     run = subprocess.run(
         [sys.executable, "-m", "metalearn.show_episode", "--help"], capture_output=True, text=True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,25 @@ def test_bad_folders_get_one_message_and_nothing_is_written(tiny_ckpt, tmp_path,
     (empty / "giraffe").mkdir()
     (empty / "giraffe" / "1.png").write_bytes((flat / "a.png").read_bytes())
     fails(ConfigError, "giraffe names a class the support set does not have", query=empty)
+    fails(ConfigError, "a.png: is a file, not a folder", support=flat / "a.png")
+    fails(ConfigError, "a.png is a file: put the images to label in a folder", query=flat / "a.png")
+    # images one level too deep, or a broken link, are named, not silently left out
+    deep = tmp_path / "deep"
+    shutil.copytree(root / "support", deep)
+    first = sorted(deep.iterdir())[0]
+    (first / "more").mkdir()
+    (first / "00.png").rename(first / "more" / "00.png")
+    fails(ConfigError, "more is a folder inside the class folder", support=deep)
+    fails(ConfigError, "more is a folder inside the class folder", query=deep)
+    (first / "more" / "00.png").rename(first / "00.png")
+    (first / "more").rmdir()
+    (first / "gone.png").symlink_to(tmp_path / "moved_away.png")
+    fails(DataError, "gone.png: no such image file", support=deep)
+    taken = tmp_path / "taken"  # out= a file: refused before the model runs, the file kept
+    taken.write_text("kept")
+    with pytest.raises(ConfigError, match="out=.*taken is a file: out= names the folder"):
+        adapt_folders(tiny_ckpt, root / "support", root / "query", taken, show=False)
+    assert taken.read_text() == "kept"
 
     done = cli("metalearn.adapt", f"ckpt={tiny_ckpt}", f"support={flat}", f"query={root / 'query'}")
     assert done.returncode == 1 and "Traceback" not in done.stderr

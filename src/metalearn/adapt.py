@@ -46,13 +46,27 @@ def visible(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def class_images(folder: Path) -> list[Path]:
+    """The images of one class folder; a folder inside it is refused, not skipped (its images
+    would be silently left out). A broken link is kept: decoding names it."""
+    entries = visible(folder)
+    nested = [p for p in entries if p.is_dir()]
+    if nested:
+        raise ConfigError(
+            f"{nested[0]} is a folder inside the class folder {folder}: classes are one level "
+            f"deep, so move its images up into {folder}/ (or make it a class of its own)"
+        )
+    return entries
+
+
 def support_set(folder: Path) -> tuple[list[Path], list[str]]:
     """(files, class names) of support/<class>/<image>."""
     if not folder.is_dir():
-        raise ConfigError(f"support={folder}: no such folder (one sub-folder per class)")
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ConfigError(f"support={folder}: {what} (support= holds one sub-folder per class)")
     entries = visible(folder)
     classes = [p for p in entries if p.is_dir()]
-    loose = [p.name for p in entries if p.is_file()]
+    loose = [p.name for p in entries if not p.is_dir()]
     if not classes:
         raise ConfigError(
             f"support={folder} has no class sub-folders: put each class's labelled images in "
@@ -70,7 +84,7 @@ def support_set(folder: Path) -> tuple[list[Path], list[str]]:
         )
     files, labels = [], []
     for c in classes:
-        images = [p for p in visible(c) if p.is_file()]
+        images = class_images(c)
         if not images:
             raise ConfigError(f"{c} is empty: put at least one labelled image of '{c.name}' in it")
         files += images
@@ -80,22 +94,26 @@ def support_set(folder: Path) -> tuple[list[Path], list[str]]:
 
 def query_set(folder: Path, classes: list[str]) -> tuple[list[Path], list[str | None]]:
     """(files, true class or None) of query/<image> and query/<class>/<image>."""
+    if folder.is_file():
+        raise ConfigError(
+            f"query={folder} is a file: put the images to label in a folder and pass the folder"
+        )
     if not folder.is_dir():
         raise ConfigError(f"query={folder}: no such folder")
     files: list[Path] = []
     labels: list[str | None] = []
     for p in visible(folder):
-        if p.is_file():
+        if not p.is_dir():
             files.append(p)
             labels.append(None)
-        elif p.is_dir():
+        else:
             if p.name not in classes:
                 raise ConfigError(
                     f"query sub-folder {p} names a class the support set does not have (its "
                     f"classes: {', '.join(classes)}): rename it, or move its images up into "
                     f"{folder}/ if their labels are unknown"
                 )
-            inside = [q for q in visible(p) if q.is_file()]
+            inside = class_images(p)
             files += inside
             labels += [p.name] * len(inside)
     if not files:
@@ -227,6 +245,10 @@ def adapt_folders(ckpt, support, query, out=None, invert=None, head_init="auto",
     from metalearn.learner import load
 
     support, query = Path(support), Path(query)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(
+            f"out={out} is a file: out= names the folder predictions.csv and .png go to"
+        )
     support_files, support_labels = support_set(support)
     query_files, truth = query_set(query, sorted(set(support_labels)))
     learner = load(ckpt)

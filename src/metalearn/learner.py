@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metalearn.algorithms import heads
@@ -42,6 +43,8 @@ class CheckpointError(MetalearnError, ValueError):
 def read_checkpoint(path, map_location="cpu") -> dict:
     """The checkpoint's contents, read without running code (``weights_only=True``)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_message(path))
     if not path.is_file():
         raise CheckpointError(
             f"{path}: no such checkpoint (a run writes them to <run dir>/checkpoints/, e.g. "
@@ -50,6 +53,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip: this is another file
+            raise CheckpointError(
+                f"{path} is not a torch checkpoint: load a best-*.ckpt or last.ckpt from a "
+                "run's checkpoints/ folder"
+            ) from err
         raise CheckpointError(
             f"{path} was refused: it holds Python objects beyond tensors and plain data, which "
             "could run code when loaded. A metalearn checkpoint holds none; if you trust its "
@@ -66,6 +74,19 @@ def read_checkpoint(path, map_location="cpu") -> dict:
             "last.ckpt that `python train.py` wrote"
         )
     return ckpt
+
+
+def folder_message(folder: Path) -> str:
+    """What to pass instead of a run directory (or its checkpoints/ folder)."""
+    found = sorted(folder.glob("*.ckpt")) or sorted(folder.glob("checkpoints/*.ckpt"))
+    if not found:
+        return (
+            f"{folder} is a folder without checkpoints: pass a checkpoint file, "
+            "<run dir>/checkpoints/best-*.ckpt or last.ckpt"
+        )
+    return f"{folder} is a folder: pass one of its checkpoints, e.g. " + " or ".join(
+        str(f) for f in found[:3]
+    )
 
 
 def unflatten(flat: dict) -> dict:
@@ -241,13 +262,15 @@ def adapt(
     """Adapt ``learner`` to a support set: ``images[i]`` is an example of class ``labels[i]``.
 
     Any number of classes (>= 2) and of images per class. Class names may be any sortable
-    values; their sorted order is the index order of ``Prediction.probs``. ``invert`` overrides
-    the training source's polarity rule (see ``metalearn.data.transforms.prepare``).
+    values, in a list or a 1-D tensor/array (an episode's ``support_y``); their sorted order
+    is the index order of ``Prediction.probs``. ``invert`` overrides the training source's
+    polarity rule (see ``metalearn.data.transforms.prepare``).
     ``head_init``: how an N-way head starts for another number of classes
     (``metalearn.algorithms.heads``: auto, prototypes, zeros, trained).
     """
     heads.check_head_init(head_init)
-    labels = list(labels)
+    # a tensor's elements hash by identity (each its own class); plain values compare
+    labels = labels.tolist() if isinstance(labels, torch.Tensor | np.ndarray) else list(labels)
     notes: set = set()
     x = inputs(learner, images, invert, notes)
     if len(x) != len(labels):

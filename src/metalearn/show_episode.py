@@ -11,6 +11,7 @@ episode of the first training meta-batch).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import matplotlib
 from omegaconf import DictConfig
 
 from metalearn.data.episodes import EpisodeIndices, materialise, materialise_varying
-from metalearn.errors import ConfigError
+from metalearn.errors import ConfigError, MetalearnError
 from metalearn.paths import conf_dir
 
 QUERY_COLUMNS = 10
@@ -83,7 +84,7 @@ def render_episode(cfg: DictConfig) -> Path:
     """Instantiate cfg.data, draw one episode of `split`, save the PNG; returns its path."""
     split = cfg.get("split", "val")
     if split not in SPLITS:
-        raise ConfigError(f"+split={split!r}: choose one of {', '.join(SPLITS)}")
+        raise ConfigError(f"split={split!r}: choose one of {', '.join(SPLITS)}")
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup()
     if split == "train":  # the first episode of the first training meta-batch
@@ -119,7 +120,14 @@ def _run_dir() -> str:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> None:
-    print(render_episode(cfg))
+    try:
+        print(render_episode(cfg))
+    except MetalearnError as err:  # one message naming the fix, as the other commands give
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
+        print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 USAGE = """\

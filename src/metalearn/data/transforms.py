@@ -127,20 +127,23 @@ def one_image(array, channels: int) -> bool:
     return array.shape[-1] in (1, 3, 4)
 
 
+# 16-bit and 32-bit grayscale (a scanner's or microscope's PNG/TIFF): scaled as arrays are
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def to_pil(image, name: str):
-    """A PIL image from a path, a PIL image, or an array/tensor (uint8 0..255, or float 0..1).
+    """A PIL image from a path, a PIL image, or an array/tensor (uint8 0..255, uint16
+    0..65535, or float 0..1).
 
     A file is read the way image viewers show it: a camera stores a portrait photo sideways
     with an EXIF Orientation tag, which is applied here."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if isinstance(image, Image.Image):
-        return image
     if isinstance(image, str | Path):
         try:
             with Image.open(image) as im:
                 im.load()
-                return ImageOps.exif_transpose(im)
+                image = ImageOps.exif_transpose(im)
         except FileNotFoundError as err:
             raise DataError(f"{image}: no such image file") from err
         except (UnidentifiedImageError, OSError, ValueError) as err:
@@ -148,6 +151,10 @@ def to_pil(image, name: str):
                 f"{image} is not an image Pillow can decode ({err}): remove it or convert it "
                 "to PNG/JPEG"
             ) from err
+    if isinstance(image, Image.Image):
+        if image.mode not in DEEP_MODES:
+            return image
+        image = np.asarray(image)  # Pillow's convert("L") would clip these at 255
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         image = (image.permute(1, 2, 0) if image.ndim == 3 else image).numpy()
@@ -159,6 +166,8 @@ def to_pil(image, name: str):
             f"{name}: an array of shape {array.shape} is not an image ([H, W], [H, W, C] or "
             "torch [C, H, W] with 1, 3 or 4 channels)"
         )
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:  # 16-bit: 65535 is white
+        array = np.round(array / 257.0).astype(np.uint8)
     if array.dtype != np.uint8:
         array = np.asarray(array, dtype=np.float64)
         if array.size and array.max() <= 1.0:

@@ -23,7 +23,7 @@ from metalearn.data.transforms import Preprocessing, convert, decode
 from metalearn.errors import DataError
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: EXIF orientation applied
+CACHE_VERSION = 3  # 2: EXIF orientation applied; 3: 16-bit grayscale scaled, not clipped
 
 
 def cache_key(files: list[Path], root: Path, settings: dict) -> str:
