@@ -61,6 +61,17 @@ def configured_log_dir() -> str:
     return str(metalearn.compose(["output_dir=."]).paths.log_dir)
 
 
+def full_error() -> bool:
+    """``HYDRA_FULL_ERROR=1``: show the traceback instead of the one message."""
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def print_error(err: Exception) -> None:
+    """The one message naming the fix, in place of a traceback."""
+    print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
+    print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+
+
 def main_of(run: Callable[[list[str]], int | None]) -> Callable[[], None]:
     """A console entry point: one message naming the fix (exit 1) instead of a traceback for
     the errors a user can act on (``HYDRA_FULL_ERROR=1`` shows the traceback)."""
@@ -73,10 +84,9 @@ def main_of(run: Callable[[list[str]], int | None]) -> Callable[[], None]:
         try:
             status = run(sys.argv[1:])
         except MetalearnError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if full_error():
                 raise
-            print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
-            print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+            print_error(err)
             raise SystemExit(1) from None
         raise SystemExit(status or 0)
 

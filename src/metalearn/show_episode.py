@@ -11,7 +11,6 @@ episode of the first training meta-batch).
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import hydra
 import matplotlib
 from omegaconf import DictConfig
 
+from metalearn.cli import full_error, print_error
 from metalearn.data.episodes import EpisodeIndices, materialise, materialise_varying
 from metalearn.errors import ConfigError, MetalearnError
 from metalearn.paths import conf_dir
@@ -123,10 +123,9 @@ def main(cfg: DictConfig) -> None:
     try:
         print(render_episode(cfg))
     except MetalearnError as err:  # one message naming the fix, as the other commands give
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error():
             raise
-        print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
-        print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        print_error(err)
         raise SystemExit(1) from None
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from metalearn import checks
+from metalearn.cli import full_error, print_error
 from metalearn.errors import MetalearnError, NonFiniteLossError
 from metalearn.instantiate import (
     build,
@@ -174,10 +175,9 @@ def main(cfg: DictConfig) -> float | None:
         if in_multirun():
             log.error("job failed, sweep continues: %s", err)
             return None
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full_error():
             raise
-        print(f"\nError ({type(err).__name__}): {err}", file=sys.stderr)
-        print("(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        print_error(err)
         if configured_world_size(cfg) > 1:
             exit_without_finalizers(1)
         raise SystemExit(1) from None
