@@ -22,7 +22,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from metalearn.cli import check_plugins
+    from metalearn.cli import check_override_keys, check_plugins
 
     check_plugins(sys.argv[1:])  # a missing optional plugin: one message naming the install
+    check_override_keys(sys.argv[1:])  # a mistyped key: one message naming the close ones
     main()

@@ -85,3 +85,38 @@ def test_every_group_has_options():
     groups = ("data", "algo", "model", "engine", "trainer", "logger", "callbacks", "paths", "debug")
     for group in groups:
         assert options(group), group
+
+
+def test_a_mistyped_key_names_the_close_ones_in_one_message(tmp_path):
+    """Hydra's own message for a key the config lacks suggests adding it with ``+``; the
+    command names the key meant instead, in a sweep too, before anything runs."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "-m", "algo=maml,reptile", "algo.inner_lrr=0.1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "algo.inner_lrr is not in the config: did you mean algo.inner_lr" in done.stderr
+    assert "+algo.inner_lrr" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algoo.inner_lr=0.1"], "algoo.inner_lr is not in the config: did you mean algo?"),
+        (["shotz=5"], "shotz is not in the config: did you mean shots?"),
+        (["algo=protonet", "trainer.max_stepz=3,4"], "did you mean trainer.max_steps"),
+        # keys valid only with the group option chosen beside them, sweeps, additions: fine
+        (["algo=reptile", "algo.inner_batch_size=5", "shots=1,5", "+extra=1"], None),
+        (["data.augment.flip=true"], None),  # an open mapping takes new keys
+        (["algo=mamll"], None),  # not a key: Hydra lists the options itself
+    ],
+)
+def test_unknown_key_message(overrides, message):
+    from metalearn.cli import first_values, unknown_key_message
+
+    found = unknown_key_message(first_values(overrides))
+    assert found == message if message is None else message in found

@@ -122,3 +122,80 @@ def check_plugins(argv: list[str]) -> None:
                     file=sys.stderr,
                 )
                 raise SystemExit(1)
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Exit with one message naming the close keys when an override sets a key the config does
+    not have (Hydra's own message suggests adding it with ``+``, which only moves the error).
+    Runs only Hydra's composition: anything it cannot diagnose is left to Hydra."""
+    if any(a.split("=", 1)[0] in CONFIG_SWITCHES for a in argv):
+        return  # another config than train.yaml
+    try:
+        overrides = first_values([a for a in argv if "=" in a and not a.startswith("-")])
+        message = unknown_key_message(overrides) if overrides else None
+    except Exception:  # noqa: BLE001  a check before Hydra must never stop a valid run
+        return
+    if message:
+        print(f"\nError (ConfigError): {message}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+CONFIG_SWITCHES = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+
+
+def first_values(args: list[str]) -> list[str]:
+    """The overrides with each sweep (``shots=1,5``, ``range(...)``) cut to its first value: the
+    keys of every job of a sweep are the same."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(args):
+        if not o.is_sweep_override():
+            out.append(o.input_line)
+            continue
+        prefix = "++" if o.is_force_add() else "+" if o.is_add() else ""
+        package = f"@{o.package}" if o.package else ""
+        out.append(f"{prefix}{o.key_or_group}{package}={next(o.sweep_string_iterator())}")
+    return out
+
+
+def unknown_key_message(overrides: list[str]) -> str | None:
+    """Why ``overrides`` do not compose when one sets a key the config lacks, else None."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from metalearn.paths import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        try:
+            compose("train", overrides=overrides)
+            return None
+        except ConfigCompositionException as err:
+            cause = err.__cause__
+        if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not cause.full_key:
+            return None
+        missing = str(cause.full_key)
+        given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].startswith(missing)]
+        if not given or given[0].startswith("+"):
+            return None
+        cfg = compose("train", overrides=[o for o in overrides if o not in given])
+    node, where = cfg, []
+    for part in missing.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            break
+        node, where = node[part], [*where, part]
+    if not isinstance(node, DictConfig):
+        return None
+    prefix = "".join(f"{w}." for w in where)
+    keys = [str(k) for k in node if not str(k).startswith("_")]  # not _target_
+    close = difflib.get_close_matches(part, keys, n=3)
+    hint = f": did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+    keys = ", ".join(keys)
+    return (
+        f"{given[0].split('=', 1)[0]} is not in the config{hint} "
+        f"({'.'.join(where) or 'the top level'} has: {keys})"
+    )
