@@ -157,7 +157,8 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
         patch.setattr(EpisodicModule, "on_train_batch_end", interrupt_after(stop), raising=False)
         run_with(tmp_path / "first", data_root, *common)
     first = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert torch.load(first, map_location="cpu", weights_only=False)["global_step"] == stop
+    first_ckpt = torch.load(first, map_location="cpu", weights_only=False)
+    assert first_ckpt["global_step"] == stop
     resumed = tmp_path / ("resumed" if new_dir else "first")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,9 +170,14 @@ def test_resume_is_exact(tmp_path, data_root, monkeypatch, algo, stop, new_dir):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    hist = json.loads((resumed / "metrics.json").read_text())["curve"]
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    hist = metrics["curve"]
     # (a stop mid-epoch validates where it stopped, then again at the end of the epoch)
     assert [h["epoch"] for h in hist] == ([0, 1] if stop % 3 == 0 else [0, 1, 1])
+    # the training time goes on from the first process's, at each point of the curve too
+    trained_before = first_ckpt["metalearn"]["train_s"]
+    assert 0 < trained_before < hist[-1]["train_s"] <= metrics["train_s"]
+    assert [h["train_s"] for h in hist] == sorted(h["train_s"] for h in hist)
     assert hist[-1]["step"] == 6
 
 

@@ -73,7 +73,8 @@ def outcome(cfg, trainer, algo, best: str | None, wall_s: float) -> dict:
         "test_episodes": cfg.data.test_episodes,
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "wall_s": round(wall_s, 2),
+        "wall_s": round(wall_s, 2),  # this process
+        "train_s": round(algo.fit_clock.seconds(), 2),  # in fit, over all resumes
         "best_checkpoint": best or "",
         "curve": algo.history,
     }

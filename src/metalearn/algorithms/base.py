@@ -19,6 +19,7 @@ from torch import nn
 
 from metalearn.data.episodes import labelled
 from metalearn.errors import ConfigError, NonFiniteLossError
+from metalearn.fit_clock import FitClock
 from metalearn.models.protocol import check_backbone
 from metalearn.tasks import CLASSIFICATION, TaskKind, task_kind
 
@@ -106,6 +107,7 @@ class EpisodicModule(L.LightningModule):
         self.test_by_episode: dict | None = None  # varying shapes: each test episode's
         self._first_step: int | None = None  # the first outer step of this fit (None: none)
         self._log_step = True  # whether this training step logs (see log_train)
+        self.fit_clock = FitClock()  # seconds in fit over all resumes (saved in checkpoints)
 
     # ---- the kind of task: loss and metric (set from the data by train.run) -------------
     @property
@@ -236,6 +238,10 @@ class EpisodicModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._first_step = self.global_step
+        self.fit_clock.start()
+
+    def on_train_end(self) -> None:
+        self.fit_clock.stop()
 
     @property
     def trained(self) -> bool:
@@ -356,6 +362,7 @@ class EpisodicModule(L.LightningModule):
             {
                 "epoch": self.current_epoch,
                 "step": self.global_step,
+                "train_s": round(self.fit_clock.seconds(), 2),  # time to reach this accuracy
                 f"val/{m}": value,
                 f"val/{m}_ci95": ci,
             }
@@ -394,6 +401,7 @@ class EpisodicModule(L.LightningModule):
             "task": self.task.name,
             "val_best": self.val_best,
             "history": self.history,
+            "train_s": self.fit_clock.seconds(),
             "config": self.run_config,  # what train.run was given (checked when resuming)
         }
 
@@ -406,3 +414,5 @@ class EpisodicModule(L.LightningModule):
         self.task = state.get("task", "classification")
         self.val_best = state.get("val_best", self.task.worst)
         self.history = list(state.get("history", []))
+        if self._trainer is None or self.trainer.state.fn == "fit":  # not a test's best weights
+            self.fit_clock.restore(state.get("train_s", 0.0))
