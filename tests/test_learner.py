@@ -3,6 +3,7 @@ algorithm, on real Omniglot episodes; checkpoints are read without running code.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,19 @@ def test_adapt_takes_an_episodes_label_tensor_as_its_values(tmp_path, data_root)
         assert prediction.classes == [0, 1, 2] and prediction.labels == expected.labels
         assert all(type(c) is int for c in prediction.classes)
         torch.testing.assert_close(prediction.probs, expected.probs, rtol=0, atol=0)
+
+
+def test_a_conversion_is_said_once_for_the_support_and_queries_together(
+    tmp_path, data_root, caplog
+):
+    metrics, _ = trained(tmp_path, "protonet")
+    learner = load(metrics["best_checkpoint"])
+    with np.load(data_root / "omniglot" / "images_evaluation_28.npz") as f:
+        images, labels = f["images"], f["labels"]
+    rgb = np.repeat(np.concatenate([images[labels == c][:2] for c in range(2)])[..., None], 3, -1)
+    caplog.set_level(logging.WARNING, logger="metalearn")
+    learner.adapt(rgb, [0, 0, 1, 1]).predict(rgb)
+    assert caplog.text.count("colour images converted to grayscale") == 1
 
 
 def test_omniglot_pngs_as_released_become_the_training_pixels(data_root):

@@ -204,6 +204,7 @@ class Adaptation:
     def __init__(self, learner, support_x, support_y, classes: list, head_init: str, invert):
         self.learner, self.support_x, self.support_y = learner, support_x, support_y
         self.classes, self.head_init, self.invert = classes, head_init, invert
+        self.said: set = set()  # conversion notes logged already (each is said once)
 
     @property
     def ways(self) -> int:
@@ -232,7 +233,8 @@ class Adaptation:
         tensors, as for ``adapt``)."""
         notes: set = set()
         x = inputs(self.learner, images, self.invert if invert is None else invert, notes)
-        say(notes)
+        say(notes - self.said)
+        self.said |= notes
         probs = self.logits(x).float().softmax(-1).cpu()
         indices = probs.argmax(-1)
         labels = [self.classes[int(i)] for i in indices]
@@ -288,6 +290,7 @@ def adapt(
     index = {c: i for i, c in enumerate(classes)}
     y = torch.tensor([index[label] for label in labels], dtype=torch.int64, device=x.device)
     adaptation = Adaptation(learner, x, y, classes, head_init, invert)
+    adaptation.said = notes
     if learner.trained_head:  # head_init=trained needs the trained number of classes
         heads.resolved(head_init, learner.model, len(classes))
     return adaptation
