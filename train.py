@@ -22,8 +22,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from metalearn.cli import check_override_keys, check_plugins
+    from metalearn.cli import check_train_argv
 
-    check_plugins(sys.argv[1:])  # a missing optional plugin: one message naming the install
-    check_override_keys(sys.argv[1:])  # a mistyped key: one message naming the close ones
+    check_train_argv(sys.argv[1:])
     main()

@@ -124,6 +124,14 @@ def check_plugins(argv: list[str]) -> None:
                 raise SystemExit(1)
 
 
+def check_train_argv(argv: list[str]) -> None:
+    """What the training commands (``train.py``, ``metalearn-train``) check before Hydra runs,
+    each ending in one message: a missing optional plugin names its install, a mistyped key
+    the close ones."""
+    check_plugins(argv)
+    check_override_keys(argv)
+
+
 def check_override_keys(argv: list[str]) -> None:
     """Exit with one message naming the close keys when an override sets a key the config does
     not have (Hydra's own message suggests adding it with ``+``, which only moves the error).

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 import metalearn.pool  # noqa: F401  registers ${gpu_pool_size:} for hydra/launcher=gpu_pool
-from metalearn.cli import check_override_keys, check_plugins
+from metalearn.cli import check_train_argv
 from metalearn.paths import conf_dir
 
 
@@ -31,6 +31,5 @@ train_job.__wrapped__.__module__ = "metalearn.train"
 
 
 def train() -> None:
-    check_plugins(sys.argv[1:])  # a missing optional plugin: one message naming the install
-    check_override_keys(sys.argv[1:])  # a mistyped key: one message naming the close ones
+    check_train_argv(sys.argv[1:])
     train_job()
